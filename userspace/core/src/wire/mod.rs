@@ -1,0 +1,5 @@
+//! The wire protocol: messages and their framed binary encoding.
+
+mod message;
+
+pub use message::*;

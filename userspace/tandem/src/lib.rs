@@ -1,0 +1,2 @@
+//! The `tandem` daemon and CLI. Filled by the daemon issue; the protocol it runs is
+//! `tandem-core`.
