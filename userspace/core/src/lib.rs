@@ -8,6 +8,9 @@
 
 pub mod bitmap;
 pub mod geometry;
+pub mod node;
+pub mod layout;
+pub mod toggle;
 pub mod types;
 pub mod wire;
 

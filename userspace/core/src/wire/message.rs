@@ -91,6 +91,8 @@ pub enum Message {
     /// One track's content, shipped by a resync.
     ResyncData { track: TrackId, payload: Bytes },
     ResyncAck { track: TrackId },
+    /// The source shipped every recorded track (`tracks` of them); the target is in sync.
+    ResyncEnd { tracks: u64 },
     /// Seed 002: a read at the secondary of a track its record marks stale.
     ReadRequest { id: u64, offset: u64, len: u32 },
     ReadReply { id: u64, payload: Bytes },
@@ -129,6 +131,7 @@ impl Message {
             Message::ResyncRequest { .. } => "ResyncRequest",
             Message::ResyncData { .. } => "ResyncData",
             Message::ResyncAck { .. } => "ResyncAck",
+            Message::ResyncEnd { .. } => "ResyncEnd",
             Message::ReadRequest { .. } => "ReadRequest",
             Message::ReadReply { .. } => "ReadReply",
             Message::AsyncCommit { .. } => "AsyncCommit",

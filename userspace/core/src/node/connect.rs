@@ -1,0 +1,259 @@
+//! Connecting to a peer: the state and record exchange, the decision of who resyncs whom,
+//! and what a lost connection leaves behind.
+//!
+//! Each side sends its state and its record of the other, then decides with the same pure
+//! function ([`decide`]) on the same inputs, so both reach the same verdict without another
+//! round trip. Generations decide the direction; two replicas that both moved on from a
+//! common generation have both taken writes while apart and are refused, never merged.
+
+use super::local::{HardenFor, OtherFor, WriteFor};
+use super::resync::Resync;
+use super::{is_linked, is_replicating, Node, Refusal};
+use crate::bitmap::{Bits, DirtyMap};
+use crate::geometry::RangeId;
+use crate::types::{ConnState, DiskState, GenRelation, NodeId, Role};
+use crate::wire::{Message, StateReport};
+use bytes::Bytes;
+
+pub(super) struct Handshake {
+    state: Option<StateReport>,
+    record: DirtyMap,
+}
+
+/// The verdict of a handshake: who ships which tracks to whom.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub source: NodeId,
+    pub target: NodeId,
+    /// Every track is shipped: no surviving record can say which ones differ.
+    pub full: bool,
+}
+
+fn disk_rank(d: DiskState) -> u8 {
+    match d {
+        DiskState::UpToDate => 4,
+        DiskState::Consistent => 3,
+        DiskState::Outdated => 2,
+        DiskState::Inconsistent => 1,
+        DiskState::Failed => 0,
+    }
+}
+
+/// Decides a connection from both nodes' reports. Symmetric: `decide(a, b) == decide(b, a)`.
+pub fn decide(a: &StateReport, b: &StateReport) -> Result<Plan, Refusal> {
+    let (lo, hi) = if a.node <= b.node { (a, b) } else { (b, a) };
+    if lo.mode != hi.mode {
+        return Err(Refusal::Mismatch(format!("replication mode {} vs {}", lo.mode, hi.mode)));
+    }
+    if lo.volume_size != hi.volume_size || lo.track_size != hi.track_size {
+        return Err(Refusal::Mismatch(format!(
+            "volume {} bytes / track {} vs volume {} bytes / track {}",
+            lo.volume_size, lo.track_size, hi.volume_size, hi.track_size
+        )));
+    }
+    if lo.role == Role::Primary && hi.role == Role::Primary {
+        return Err(Refusal::BothPrimary);
+    }
+    // An invalidated replica (generation 0) is behind everyone, whatever its history.
+    let relation = match (lo.generations.current, hi.generations.current) {
+        (0, 0) => GenRelation::Same,
+        (0, _) => GenRelation::Behind,
+        (_, 0) => GenRelation::Ahead,
+        _ => lo.generations.compare(&hi.generations),
+    };
+    let (ours, theirs) = (lo.generations.current, hi.generations.current);
+    let blank = ours == 0 || theirs == 0;
+    let (source, full) = match relation {
+        GenRelation::Diverged => return Err(Refusal::SplitBrain { ours, theirs }),
+        GenRelation::Unrelated => return Err(Refusal::UnrelatedData { ours, theirs }),
+        GenRelation::Ahead => (lo, blank),
+        GenRelation::Behind => (hi, blank),
+        GenRelation::Same => match (lo.crashed, hi.crashed) {
+            // Both lost their records: nothing says which tracks differ.
+            (true, true) => (tie_break(lo, hi), true),
+            (true, false) => (hi, blank),
+            (false, true) => (lo, blank),
+            (false, false) => (tie_break(lo, hi), blank),
+        },
+    };
+    let target = if source.node == lo.node { hi } else { lo };
+    if matches!(source.disk, DiskState::Inconsistent | DiskState::Failed) {
+        return Err(Refusal::NoValidData);
+    }
+    if target.role == Role::Primary {
+        return Err(Refusal::PrimaryWouldBeTarget);
+    }
+    Ok(Plan { source: source.node, target: target.node, full })
+}
+
+fn tie_break<'a>(lo: &'a StateReport, hi: &'a StateReport) -> &'a StateReport {
+    let key = |s: &StateReport| (disk_rank(s.disk), s.role == Role::Primary);
+    if key(hi) > key(lo) {
+        hi
+    } else {
+        lo
+    }
+}
+
+impl Node {
+    pub(super) fn peer_connected(&mut self, peer: NodeId) {
+        let Some(p) = self.peers.get(&peer) else { return };
+        if p.conn == ConnState::StandAlone || self.meta.disk == DiskState::Failed {
+            let reason = if self.meta.disk == DiskState::Failed { Refusal::DiskFailed } else { Refusal::Protocol("stand-alone until reconnected by the operator".into()) };
+            self.emit(super::Action::Disconnect { peer, reason, stand_alone: true });
+            return;
+        }
+        if is_linked(p.conn) {
+            self.peer_lost(peer);
+        }
+        let geometry = self.cfg.geometry;
+        let p = self.peers.get_mut(&peer).expect("peer");
+        p.conn = ConnState::Handshaking;
+        p.handshake = Some(Handshake { state: None, record: DirtyMap::new(geometry) });
+        let report = self.state_report();
+        self.send(peer, Message::State(report));
+        let record = &self.peers[&peer].record;
+        let pages: Vec<(RangeId, Bytes)> = (0..geometry.range_count())
+            .filter(|r| record.range_count(*r) > 0)
+            .map(|r| (r, bits_to_bytes(&record.range_union(r))))
+            .collect();
+        let tracks = record.count();
+        for (range, bits) in pages {
+            self.send(peer, Message::RecordPage { range, bits });
+        }
+        self.send(peer, Message::RecordEnd { tracks });
+    }
+
+    pub(super) fn on_state(&mut self, peer: NodeId, report: StateReport) {
+        let p = self.peers.get_mut(&peer).expect("peer");
+        if let Some(hs) = &mut p.handshake {
+            hs.state = Some(report);
+            return;
+        }
+        let adopt = self.meta.role == Role::Secondary
+            && report.role == Role::Primary
+            && p.conn == ConnState::Connected
+            && self.meta.disk == DiskState::UpToDate
+            && report.generations != self.meta.generations;
+        p.state = Some(report);
+        if adopt {
+            // The primary started a generation for writes another peer misses; this node
+            // has those writes, so it belongs to the new generation too.
+            self.meta.generations = self.peers[&peer].state.as_ref().expect("state").generations.clone();
+            self.persist_meta();
+        }
+    }
+
+    pub(super) fn on_record_page(&mut self, peer: NodeId, range: RangeId, bits: Bytes) {
+        let Some(hs) = self.peers.get_mut(&peer).and_then(|p| p.handshake.as_mut()) else {
+            return self.protocol_error(peer, "RecordPage outside a handshake".into());
+        };
+        let g = *hs.record.geometry();
+        if let Err(e) = g.check_range(range) {
+            return self.protocol_error(peer, format!("RecordPage: {e}"));
+        }
+        let len = g.tracks_in_range(range).count();
+        if bits.len() != len.div_ceil(8) {
+            return self.protocol_error(peer, format!("RecordPage for range {range}: {} bytes, expected {}", bits.len(), len.div_ceil(8)));
+        }
+        let mut page = Bits::from_iter((0..len).map(|i| bits[i / 8] & (1 << (i % 8)) != 0));
+        page.truncate(len);
+        if let Err(e) = hs.record.mark_range_bits(range, &page) {
+            self.protocol_error(peer, format!("RecordPage: {e}"));
+        }
+    }
+
+    pub(super) fn on_record_end(&mut self, peer: NodeId, tracks: u64) {
+        let Some(hs) = self.peers.get_mut(&peer).and_then(|p| p.handshake.take()) else {
+            return self.protocol_error(peer, "RecordEnd outside a handshake".into());
+        };
+        let Some(theirs) = hs.state else {
+            return self.protocol_error(peer, "RecordEnd before State".into());
+        };
+        if hs.record.count() != tracks {
+            return self.protocol_error(peer, format!("record announced {tracks} tracks, pages held {}", hs.record.count()));
+        }
+        let ours = self.state_report();
+        let plan = match decide(&ours, &theirs) {
+            Ok(plan) => plan,
+            Err(refusal) => {
+                self.drop_peer(peer, refusal, true);
+                return self.release_held();
+            }
+        };
+        let me = self.cfg.node;
+        let p = self.peers.get_mut(&peer).expect("peer");
+        p.state = Some(theirs);
+        p.record.merge(&hs.record).expect("same geometry");
+        if plan.full {
+            p.record.mark_all();
+        }
+        if plan.source == me {
+            let todo = p.record.union_tracks().collect();
+            p.conn = ConnState::SyncSource;
+            p.resync = Some(Resync::source(todo));
+            if matches!(self.meta.disk, DiskState::Consistent | DiskState::Outdated) {
+                // Both sides agree this replica holds the newest data there is.
+                self.meta.disk = DiskState::UpToDate;
+                self.persist_meta();
+            }
+        } else {
+            p.conn = ConnState::SyncTarget;
+            let tracks = p.record.count();
+            self.meta.disk = DiskState::Inconsistent;
+            let after = self.persist_meta();
+            self.peers.get_mut(&peer).expect("peer").resync = Some(Resync::target(tracks, after));
+        }
+        if self.peers.values().all(|p| is_replicating(p.conn)) {
+            self.rotated_apart = false;
+        }
+        self.resync_pump(peer);
+        self.release_held();
+    }
+
+    pub(super) fn peer_lost(&mut self, peer: NodeId) {
+        let Some(p) = self.peers.get_mut(&peer) else { return };
+        if p.conn != ConnState::StandAlone {
+            p.conn = ConnState::Connecting;
+        }
+        p.handshake = None;
+        p.state = None;
+        if let Some(resync) = p.resync.take() {
+            // Tracks not yet confirmed by the target stay recorded for the next attempt.
+            for t in resync.unconfirmed() {
+                p.record.mark(t);
+            }
+        }
+        for w in self.local.writes.values_mut() {
+            if matches!(w.origin, WriteFor::Replica { peer: q, .. } | WriteFor::Resync { peer: q, .. } if q == peer) {
+                w.origin = WriteFor::Orphan;
+            }
+        }
+        self.local.forget_peer(peer);
+        self.local.orphan_flushes(peer);
+        self.scan_peer_lost(peer);
+        self.host_peer_lost(peer);
+        self.release_held();
+    }
+}
+
+/// One bit per track, LSB first: the `RecordPage` layout.
+fn bits_to_bytes(bits: &Bits) -> Bytes {
+    let mut out = vec![0u8; bits.len().div_ceil(8)];
+    for i in bits.iter_ones() {
+        out[i / 8] |= 1 << (i % 8);
+    }
+    Bytes::from(out)
+}
+
+impl super::local::LocalIos {
+    /// Flush answers for a connection that is gone must not reach a later one.
+    pub(super) fn orphan_flushes(&mut self, peer: NodeId) {
+        self.retarget(|o| match o {
+            OtherFor::Harden(HardenFor::ReplicaFlush { peer: q, .. }) if *q == peer => {
+                Some(OtherFor::Harden(HardenFor::Degraded))
+            }
+            _ => None,
+        });
+    }
+}

@@ -1,0 +1,594 @@
+//! The replication state machine of one node for one volume (`memory` and `disk` modes).
+//!
+//! Sans-IO: [`Node::handle`] takes an [`Event`] and queues [`Action`]s that the caller
+//! drains with [`Node::poll`]. The caller carries out the actions (local I/O, messages,
+//! host completions, timers) and reports their completions back as events.
+//!
+//! The rule that keeps divergence visible (DESIGN.md invariant 2) lives in [`host`]: a host
+//! write reaches the local device only once every connected peer's record holds its tracks
+//! (the peer's `ReceiptAck`), or, with a peer absent, once the tracks are in the persisted
+//! `out_of_sync` set under a new generation.
+
+mod connect;
+mod destage;
+mod host;
+mod local;
+mod meta;
+mod replica;
+mod resync;
+
+pub use meta::Meta;
+
+use crate::bitmap::DirtyMap;
+use crate::geometry::{Extent, Geometry, GeometryError, RangeId, TrackId};
+use crate::types::{ConnState, DiskState, GenId, Generations, Mode, NodeId, Role};
+use crate::wire::{Message, StateReport, WriteId};
+use bytes::Bytes;
+use std::collections::{BTreeMap, VecDeque};
+use thiserror::Error;
+
+/// Identifies one local I/O (write, read, harden, metadata write) between action and event.
+pub type IoId = u64;
+/// Identifies one host request (write, discard, flush) between event and completion.
+pub type HostIoId = u64;
+
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub node: NodeId,
+    pub peers: Vec<NodeId>,
+    pub geometry: Geometry,
+    pub mode: Mode,
+    /// How often (in the caller's time unit) a destage scan may start.
+    pub destage_interval: u64,
+    /// Resync reads in flight at once.
+    pub resync_window: usize,
+}
+
+impl NodeConfig {
+    pub fn new(node: NodeId, peers: Vec<NodeId>, geometry: Geometry, mode: Mode) -> Self {
+        NodeConfig { node, peers, geometry, mode, destage_interval: 1_000_000_000, resync_window: 8 }
+    }
+}
+
+/// Data of a local write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Payload {
+    Data(Bytes),
+    /// Zeroes of this length; `discard` says the host discarded rather than wrote zeroes (the
+    /// store may punch a hole, but must read back zeroes so replicas stay identical).
+    Zeroes { len: u64, discard: bool },
+}
+
+impl Payload {
+    pub fn len(&self) -> u64 {
+        match self {
+            Payload::Data(b) => b.len() as u64,
+            Payload::Zeroes { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a harden covers. Like a FLUSH on Linux, it hardens only writes that completed
+/// before it was issued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HardenScope {
+    All,
+    Range(RangeId),
+    Extent(Extent),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Timer {
+    Destage,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    HostWrite { id: HostIoId, offset: u64, data: Bytes, fua: bool },
+    HostDiscard { id: HostIoId, offset: u64, len: u64, zeroes: bool },
+    HostFlush { id: HostIoId },
+    /// The transport to `peer` is up and authenticated.
+    PeerConnected { peer: NodeId },
+    /// The transport to `peer` failed or timed out.
+    PeerLost { peer: NodeId },
+    Received { peer: NodeId, msg: Message },
+    /// A local I/O finished; reads carry their data.
+    IoDone { io: IoId, result: Result<Option<Bytes>, IoError> },
+    Timer(Timer),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    WriteLocal { io: IoId, offset: u64, payload: Payload, fua: bool },
+    ReadLocal { io: IoId, offset: u64, len: u64 },
+    Harden { io: IoId, scope: HardenScope },
+    /// Write the metadata durably; at most one is in flight.
+    PersistMeta { io: IoId, meta: Meta },
+    Send { peer: NodeId, msg: Message },
+    CompleteHost { id: HostIoId, result: Result<(), HostError> },
+    SetTimer { timer: Timer, at: u64 },
+    /// Drop the connection to `peer`; with `stand_alone` do not reconnect until told.
+    Disconnect { peer: NodeId, reason: Refusal, stand_alone: bool },
+}
+
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct IoError(pub String);
+
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum HostError {
+    #[error("this node is not primary")]
+    NotPrimary,
+    #[error(transparent)]
+    Geometry(#[from] GeometryError),
+    #[error("the local disk failed: {0}")]
+    DiskFailed(String),
+    #[error("a write must carry whole blocks: {len} bytes at {offset}")]
+    Length { offset: u64, len: u64 },
+}
+
+/// Why a connection was refused or dropped by the protocol (not by the transport).
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum Refusal {
+    #[error("split brain: both replicas accepted writes while apart (generations {ours:#x} and {theirs:#x})")]
+    SplitBrain { ours: GenId, theirs: GenId },
+    #[error("unrelated data: no common generation ({ours:#x} vs {theirs:#x})")]
+    UnrelatedData { ours: GenId, theirs: GenId },
+    #[error("both nodes are primary")]
+    BothPrimary,
+    #[error("the primary would have to become sync target; demote it first")]
+    PrimaryWouldBeTarget,
+    #[error("neither replica holds valid data")]
+    NoValidData,
+    #[error("peer configuration differs: {0}")]
+    Mismatch(String),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("local disk failed")]
+    DiskFailed,
+}
+
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum AdminError {
+    #[error("peer {0} is primary; demote it first")]
+    PeerIsPrimary(NodeId),
+    #[error("local disk is {0}; promoting needs --force")]
+    NotUpToDate(DiskState),
+    #[error("{0} host writes are still in flight")]
+    Busy(usize),
+    #[error("a connection handshake is in progress")]
+    Handshaking,
+    #[error("the local disk failed")]
+    DiskFailed,
+}
+
+/// What `tandem status` shows about one peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub peer: NodeId,
+    pub conn: ConnState,
+    pub role: Option<Role>,
+    pub disk: Option<DiskState>,
+    /// Tracks in the record of this peer (current ∪ old).
+    pub out_of_sync_tracks: u64,
+    /// (shipped or received, total) while a resync runs.
+    pub resync: Option<(u64, u64)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    pub node: NodeId,
+    pub role: Role,
+    pub disk: DiskState,
+    pub mode: Mode,
+    pub generations: Generations,
+    pub peers: Vec<PeerStatus>,
+}
+
+/// Test-only switches that break one rule on purpose, so tests can show the simulator
+/// catches the violation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PlantedBugs {
+    /// Write locally in parallel with sending to peers, before their records cover it.
+    pub write_before_record: bool,
+    /// Clear the old bitmap when a destage scan starts instead of when it is done.
+    pub clear_old_on_start: bool,
+    /// Harden a destaged range without waiting for writes still in flight to it.
+    pub skip_destage_drain: bool,
+}
+
+struct Peer {
+    conn: ConnState,
+    record: DirtyMap,
+    /// Last state the peer reported on the current connection.
+    state: Option<StateReport>,
+    handshake: Option<connect::Handshake>,
+    resync: Option<resync::Resync>,
+}
+
+pub struct Node {
+    cfg: NodeConfig,
+    bugs: PlantedBugs,
+    rng: u64,
+    meta: Meta,
+    meta_version: u64,
+    meta_durable: u64,
+    meta_inflight: Option<(IoId, u64)>,
+    peers: BTreeMap<NodeId, Peer>,
+    next_io: IoId,
+    next_wid: WriteId,
+    host: host::HostState,
+    local: local::LocalIos,
+    destage: destage::Destage,
+    /// A generation was started for writes the absent peers do not see.
+    rotated_apart: bool,
+    actions: VecDeque<Action>,
+    now: u64,
+}
+
+impl Node {
+    /// A node starting from persisted metadata. `seed` feeds the generation ids it creates
+    /// and must differ between nodes and restarts (the daemon passes random bytes).
+    pub fn new(cfg: NodeConfig, mut meta: Meta, seed: u64) -> Self {
+        let crashed_now = !meta.clean;
+        let peers = cfg
+            .peers
+            .iter()
+            .map(|&p| {
+                let mut record = DirtyMap::new(cfg.geometry);
+                // The in-memory records did not survive; what was persisted did.
+                for t in meta.out_of_sync.iter_ones() {
+                    record.mark(t as TrackId);
+                }
+                let peer = Peer { conn: ConnState::Connecting, record, state: None, handshake: None, resync: None };
+                (p, peer)
+            })
+            .collect();
+        if crashed_now {
+            meta.crashed = true;
+            meta.role = Role::Secondary;
+            if meta.disk == DiskState::UpToDate {
+                meta.disk = DiskState::Consistent;
+            }
+        }
+        meta.clean = false;
+        let ranges = cfg.geometry.range_count();
+        let mut node = Node {
+            bugs: PlantedBugs::default(),
+            rng: seed ^ 0x9E37_79B9_7F4A_7C15,
+            meta,
+            meta_version: 1,
+            meta_durable: 0,
+            meta_inflight: None,
+            peers,
+            next_io: 1,
+            next_wid: 1,
+            host: host::HostState::default(),
+            local: local::LocalIos::default(),
+            destage: destage::Destage::new(ranges),
+            rotated_apart: false,
+            actions: VecDeque::new(),
+            now: 0,
+            cfg,
+        };
+        node.persist_meta();
+        node
+    }
+
+    /// Breaks rules on purpose (tests of the simulator only).
+    pub fn plant_bugs(&mut self, bugs: PlantedBugs) {
+        self.bugs = bugs;
+    }
+
+    /// Arms the timers; call once before the first event.
+    pub fn start(&mut self, now: u64) {
+        self.now = now;
+        self.emit(Action::SetTimer { timer: Timer::Destage, at: now + self.cfg.destage_interval });
+    }
+
+    pub fn poll(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    pub fn handle(&mut self, now: u64, event: Event) {
+        self.now = now;
+        match event {
+            Event::HostWrite { id, offset, data, fua } => {
+                let len = data.len() as u64;
+                self.host_write(id, Extent::new(offset, len), Payload::Data(data), fua)
+            }
+            Event::HostDiscard { id, offset, len, zeroes } => {
+                self.host_write(id, Extent::new(offset, len), Payload::Zeroes { len, discard: !zeroes }, false)
+            }
+            Event::HostFlush { id } => self.host_flush(id),
+            Event::PeerConnected { peer } => self.peer_connected(peer),
+            Event::PeerLost { peer } => self.peer_lost(peer),
+            Event::Received { peer, msg } => self.received(peer, msg),
+            Event::IoDone { io, result } => self.io_done(io, result),
+            Event::Timer(Timer::Destage) => {
+                self.destage_tick();
+                self.emit(Action::SetTimer { timer: Timer::Destage, at: now + self.cfg.destage_interval });
+            }
+        }
+    }
+
+    /// Orderly shutdown: the caller stops sending events after draining the actions.
+    pub fn shutdown(&mut self) {
+        self.meta.clean = true;
+        self.persist_meta();
+    }
+
+    pub fn promote(&mut self, force: bool) -> Result<(), AdminError> {
+        if self.meta.disk == DiskState::Failed {
+            return Err(AdminError::DiskFailed);
+        }
+        if self.meta.role == Role::Primary {
+            return Ok(());
+        }
+        for (&id, p) in &self.peers {
+            if p.conn == ConnState::Handshaking {
+                return Err(AdminError::Handshaking);
+            }
+            if is_linked(p.conn) && p.state.as_ref().is_some_and(|s| s.role == Role::Primary) {
+                return Err(AdminError::PeerIsPrimary(id));
+            }
+        }
+        match self.meta.disk {
+            DiskState::UpToDate => {}
+            other if !force => return Err(AdminError::NotUpToDate(other)),
+            _ => self.meta.disk = DiskState::UpToDate,
+        }
+        self.meta.role = Role::Primary;
+        self.persist_meta();
+        self.broadcast_state();
+        if self.cfg.mode == Mode::Memory && self.replicating_peers().is_empty() {
+            // Acknowledged writes of the old primary may sit only in this node's cache.
+            self.harden(HardenScope::All, local::HardenFor::Degraded);
+        }
+        Ok(())
+    }
+
+    pub fn demote(&mut self) -> Result<(), AdminError> {
+        if self.host.in_flight() > 0 {
+            return Err(AdminError::Busy(self.host.in_flight()));
+        }
+        if self.meta.role == Role::Secondary {
+            return Ok(());
+        }
+        self.meta.role = Role::Secondary;
+        self.persist_meta();
+        self.broadcast_state();
+        Ok(())
+    }
+
+    /// Throws away this replica's claim to be current (split-brain recovery, or an operator's
+    /// `invalidate`): it becomes Inconsistent with every track recorded, so the next
+    /// connection resyncs all of it from the peer.
+    pub fn invalidate(&mut self) -> Result<(), AdminError> {
+        if self.meta.role == Role::Primary {
+            return Err(AdminError::PeerIsPrimary(self.cfg.node));
+        }
+        self.meta.disk = DiskState::Inconsistent;
+        // An empty current generation that every peer is "ahead" of.
+        self.meta.generations = Generations::new(0);
+        for p in self.peers.values_mut() {
+            p.record.mark_all();
+        }
+        self.persist_meta();
+        Ok(())
+    }
+
+    pub fn role(&self) -> Role {
+        self.meta.role
+    }
+    pub fn disk(&self) -> DiskState {
+        self.meta.disk
+    }
+    pub fn generations(&self) -> &Generations {
+        &self.meta.generations
+    }
+    pub fn meta(&self) -> &Meta {
+        &self.meta
+    }
+    pub fn conn(&self, peer: NodeId) -> Option<ConnState> {
+        self.peers.get(&peer).map(|p| p.conn)
+    }
+    pub fn peer_state(&self, peer: NodeId) -> Option<&StateReport> {
+        self.peers.get(&peer).and_then(|p| p.state.as_ref())
+    }
+    /// The record of `peer`: tracks where it may hold data different from this node's.
+    pub fn record(&self, peer: NodeId) -> Option<&DirtyMap> {
+        self.peers.get(&peer).map(|p| &p.record)
+    }
+    pub fn config(&self) -> &NodeConfig {
+        &self.cfg
+    }
+
+    /// True when nothing is in flight: no host request, local I/O, scan or resync.
+    pub fn is_quiet(&self) -> bool {
+        self.host.in_flight() == 0
+            && self.local.is_empty()
+            && self.meta_inflight.is_none()
+            && self.meta_durable == self.meta_version
+            && self.destage.is_idle()
+            && self.peers.values().all(|p| p.resync.is_none() && p.handshake.is_none())
+    }
+
+    pub fn status(&self) -> Status {
+        Status {
+            node: self.cfg.node,
+            role: self.meta.role,
+            disk: self.meta.disk,
+            mode: self.cfg.mode,
+            generations: self.meta.generations.clone(),
+            peers: self
+                .peers
+                .iter()
+                .map(|(&peer, p)| PeerStatus {
+                    peer,
+                    conn: p.conn,
+                    role: p.state.as_ref().map(|s| s.role),
+                    disk: p.state.as_ref().map(|s| s.disk),
+                    out_of_sync_tracks: p.record.count(),
+                    resync: p.resync.as_ref().map(|r| r.progress()),
+                })
+                .collect(),
+        }
+    }
+
+    fn emit(&mut self, action: Action) {
+        self.actions.push_back(action);
+    }
+
+    fn send(&mut self, peer: NodeId, msg: Message) {
+        self.emit(Action::Send { peer, msg });
+    }
+
+    fn alloc_io(&mut self) -> IoId {
+        let io = self.next_io;
+        self.next_io += 1;
+        io
+    }
+
+    fn fresh_gen(&mut self) -> GenId {
+        // splitmix64: ids only need to be unique, not secret.
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) | 1
+    }
+
+    /// Records that the metadata changed; returns the version a dependent write waits for.
+    fn persist_meta(&mut self) -> u64 {
+        self.meta_version += 1;
+        self.flush_meta();
+        self.meta_version
+    }
+
+    fn flush_meta(&mut self) {
+        if self.meta_inflight.is_none() && self.meta_durable < self.meta_version {
+            let io = self.alloc_io();
+            self.meta_inflight = Some((io, self.meta_version));
+            let meta = self.meta.clone();
+            self.emit(Action::PersistMeta { io, meta });
+        }
+    }
+
+    fn state_report(&self) -> StateReport {
+        StateReport {
+            node: self.cfg.node,
+            role: self.meta.role,
+            disk: self.meta.disk,
+            mode: self.cfg.mode,
+            generations: self.meta.generations.clone(),
+            crashed: self.meta.crashed,
+            volume_size: self.cfg.geometry.volume_size(),
+            track_size: self.cfg.geometry.track_size(),
+        }
+    }
+
+    fn broadcast_state(&mut self) {
+        let report = self.state_report();
+        let linked: Vec<NodeId> = self.peers.iter().filter(|(_, p)| is_linked(p.conn)).map(|(&id, _)| id).collect();
+        for peer in linked {
+            self.send(peer, Message::State(report.clone()));
+        }
+    }
+
+    /// Peers that receive replicated writes now.
+    fn replicating_peers(&self) -> Vec<NodeId> {
+        self.peers.iter().filter(|(_, p)| is_replicating(p.conn)).map(|(&id, _)| id).collect()
+    }
+
+    fn received(&mut self, peer: NodeId, msg: Message) {
+        let Some(p) = self.peers.get(&peer) else {
+            return;
+        };
+        if p.conn == ConnState::Connecting || p.conn == ConnState::StandAlone {
+            // A message from a connection already given up: the transport should not
+            // deliver these, and nothing in it can be trusted to apply.
+            return;
+        }
+        match msg {
+            Message::State(report) => self.on_state(peer, report),
+            Message::RecordPage { range, bits } => self.on_record_page(peer, range, bits),
+            Message::RecordEnd { tracks } => self.on_record_end(peer, tracks),
+            Message::Data { id, offset, fua, payload } => {
+                self.on_replica_write(peer, id, Extent::new(offset, payload.len() as u64), Payload::Data(payload), fua)
+            }
+            Message::Discard { id, offset, len, zeroes } => {
+                self.on_replica_write(peer, id, Extent::new(offset, len), Payload::Zeroes { len, discard: !zeroes }, false)
+            }
+            Message::ReceiptAck { id } => self.on_receipt_ack(peer, id),
+            Message::HardenedAck { id } => self.on_hardened_ack(peer, id),
+            Message::Flush { id } => self.on_replica_flush(peer, id),
+            Message::FlushAck { id } => self.on_flush_ack(peer, id),
+            Message::DestageStart { range } => self.on_destage_start(peer, range),
+            Message::DestageAck { range } => self.on_destage_ack(peer, range),
+            Message::DestageDone { range } => self.on_destage_done(peer, range),
+            Message::ResyncData { track, payload } => self.on_resync_data(peer, track, payload),
+            Message::ResyncAck { track } => self.on_resync_ack(peer, track),
+            Message::ResyncEnd { tracks } => self.on_resync_end(peer, tracks),
+            Message::Ping { nonce } => self.send(peer, Message::Pong { nonce }),
+            Message::Pong { .. } => {}
+            other => self.protocol_error(peer, format!("{} is not supported in {} mode", other.name(), self.cfg.mode)),
+        }
+    }
+
+    fn protocol_error(&mut self, peer: NodeId, why: String) {
+        self.drop_peer(peer, Refusal::Protocol(why), false);
+    }
+
+    /// Ends the connection from our side and cleans up as if the transport had failed.
+    fn drop_peer(&mut self, peer: NodeId, reason: Refusal, stand_alone: bool) {
+        self.emit(Action::Disconnect { peer, reason, stand_alone });
+        self.peer_lost(peer);
+        if stand_alone {
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.conn = ConnState::StandAlone;
+            }
+        }
+    }
+
+    /// An operator's `connect` after a refusal (e.g. once a split brain was resolved).
+    pub fn reconnect(&mut self, peer: NodeId) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            if p.conn == ConnState::StandAlone {
+                p.conn = ConnState::Connecting;
+            }
+        }
+    }
+
+    /// The local disk failed: stop using it. Host requests fail from now on; peers see it
+    /// through the dropped connections, and their records cover what this node missed.
+    fn disk_failed(&mut self, why: String) {
+        if self.meta.disk == DiskState::Failed {
+            return;
+        }
+        self.meta.disk = DiskState::Failed;
+        self.fail_all_host(HostError::DiskFailed(why));
+        let peers: Vec<NodeId> = self.peers.keys().copied().collect();
+        for peer in peers {
+            if self.peers[&peer].conn != ConnState::StandAlone && self.peers[&peer].conn != ConnState::Connecting {
+                self.drop_peer(peer, Refusal::DiskFailed, true);
+            } else if let Some(p) = self.peers.get_mut(&peer) {
+                p.conn = ConnState::StandAlone;
+            }
+        }
+    }
+}
+
+/// A transport is up (handshaking or past it).
+fn is_linked(conn: ConnState) -> bool {
+    !matches!(conn, ConnState::StandAlone | ConnState::Connecting)
+}
+
+/// The peer takes replicated writes.
+fn is_replicating(conn: ConnState) -> bool {
+    matches!(conn, ConnState::Connected | ConnState::SyncSource | ConnState::SyncTarget)
+}

@@ -1,0 +1,50 @@
+//! The receiving side of replication: writes and flushes from the primary.
+//!
+//! The record of the sender is marked on receipt, before anything else: from then on this
+//! node can tell, should the sender crash, which tracks the sender may hold differently.
+
+use super::local::{HardenFor, WriteFor};
+use super::{is_replicating, HardenScope, Node, Payload};
+use crate::geometry::Extent;
+use crate::types::{Mode, NodeId, Role};
+use crate::wire::{Message, WriteId};
+
+impl Node {
+    pub(super) fn on_replica_write(&mut self, peer: NodeId, id: WriteId, extent: Extent, payload: Payload, fua: bool) {
+        if self.meta.role == Role::Primary {
+            return self.protocol_error(peer, "replicated write received by a primary".into());
+        }
+        if !is_replicating(self.peers[&peer].conn) {
+            return self.protocol_error(peer, "replicated write before the handshake finished".into());
+        }
+        let span = match self.cfg.geometry.span(extent) {
+            Ok(span) => span,
+            Err(e) => return self.protocol_error(peer, format!("replicated write: {e}")),
+        };
+        self.peers.get_mut(&peer).expect("peer").record.mark_span(span);
+        let disk_mode = self.cfg.mode == Mode::Disk;
+        if disk_mode {
+            // The record covers it now; the primary may write its own copy in parallel.
+            self.send(peer, Message::ReceiptAck { id });
+        }
+        self.admit_write(extent, payload, fua || disk_mode, 0, WriteFor::Replica { peer, id, fua });
+    }
+
+    pub(super) fn replica_write_done(&mut self, peer: NodeId, id: WriteId, fua: bool) {
+        if self.cfg.mode == Mode::Disk {
+            self.send(peer, Message::HardenedAck { id });
+            return;
+        }
+        self.send(peer, Message::ReceiptAck { id });
+        if fua {
+            self.send(peer, Message::HardenedAck { id });
+        }
+    }
+
+    pub(super) fn on_replica_flush(&mut self, peer: NodeId, id: u64) {
+        if !is_replicating(self.peers[&peer].conn) {
+            return self.protocol_error(peer, "flush before the handshake finished".into());
+        }
+        self.harden(HardenScope::All, HardenFor::ReplicaFlush { peer, id });
+    }
+}

@@ -1,0 +1,812 @@
+//! The simulated cluster: nodes, their disks, the links between them, the host workload and
+//! the operator, all driven from one seeded event queue.
+
+use crate::disk::{payload_for, Disk, HardenSet, BLOCK};
+use crate::truth::Truth;
+use crate::{FaultClass, SimConfig, Summary};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use tandem_core::node::{Action, Event, IoError, IoId, Meta, Node, NodeConfig, Payload, Refusal, Timer};
+use tandem_core::wire::Message;
+use tandem_core::{ConnState, DiskState, Extent, Geometry, NodeId, Role};
+
+const TRACE_KEEP: usize = 80;
+
+#[derive(Debug)]
+enum IoKind {
+    Write { offset: u64, payload: Payload, fua: bool },
+    Read { offset: u64, len: u64 },
+    Harden(HardenSet),
+    Meta(Box<Meta>),
+}
+
+#[derive(Debug)]
+enum Ev {
+    Deliver { from: NodeId, to: NodeId, epoch: u64, msg: Box<Message> },
+    Io { node: NodeId, inc: u64, io: IoId, kind: IoKind, fail: bool },
+    Timer { node: NodeId, inc: u64, timer: Timer },
+    PeerLost { node: NodeId, peer: NodeId, inc: u64 },
+    Connect { a: NodeId, b: NodeId },
+    Writeback { node: NodeId },
+    Step,
+}
+
+struct SimNode {
+    node: Option<Node>,
+    disk: Disk,
+    /// Bumped at every crash: events of an earlier life are dropped.
+    inc: u64,
+    writes_in_flight: BTreeMap<IoId, (u64, Payload)>,
+    down_since: u64,
+    /// Host requests in flight: id → extent (None for flushes).
+    host: BTreeMap<u64, Option<Extent>>,
+}
+
+#[derive(Default)]
+struct Link {
+    up: bool,
+    connected: bool,
+    epoch: u64,
+    /// Incarnations of both ends when the connection was made.
+    incs: (u64, u64),
+    last_delivery: [u64; 2],
+    /// PeerLost notifications not yet delivered: no new connection before they are.
+    lost_pending: u32,
+    cut_since: u64,
+}
+
+pub struct World {
+    cfg: SimConfig,
+    seed: u64,
+    rng: SmallRng,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Reverse<(u64, u64)>>,
+    events: BTreeMap<u64, Ev>,
+    nodes: Vec<SimNode>,
+    links: BTreeMap<(NodeId, NodeId), Link>,
+    geometry: Geometry,
+    truth: Truth,
+    next_value: u64,
+    next_host_id: u64,
+    steps_left: usize,
+    /// wrote_apart[x][y]: x wrote locally as primary while not replicating to y.
+    wrote_apart: Vec<Vec<bool>>,
+    faults_active: u32,
+    trace: VecDeque<String>,
+    pub summary: Summary,
+    violation: Option<(&'static str, String)>,
+}
+
+fn key(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
+    (a.min(b), a.max(b))
+}
+
+impl World {
+    pub fn new(seed: u64, cfg: SimConfig) -> Self {
+        let geometry = Geometry::new(16 * 4096, 512, 4096, 4).expect("sim geometry");
+        let initial = Meta::fresh(&geometry, 0x5EED_0000 ^ seed | 1);
+        let n = cfg.nodes;
+        let mut w = World {
+            seed,
+            rng: SmallRng::seed_from_u64(seed),
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            events: BTreeMap::new(),
+            nodes: Vec::new(),
+            links: BTreeMap::new(),
+            truth: Truth::new((geometry.volume_size() / BLOCK) as usize),
+            next_value: 1,
+            next_host_id: 1,
+            steps_left: cfg.steps,
+            wrote_apart: vec![vec![false; n]; n],
+            faults_active: 0,
+            trace: VecDeque::new(),
+            summary: Summary::default(),
+            violation: None,
+            geometry,
+            cfg,
+        };
+        for i in 0..n {
+            w.nodes.push(SimNode {
+                node: None,
+                disk: Disk::new(geometry, initial.clone()),
+                inc: 0,
+                writes_in_flight: BTreeMap::new(),
+                down_since: 0,
+                host: BTreeMap::new(),
+            });
+            w.boot(i as NodeId);
+        }
+        for a in 0..n as NodeId {
+            for b in a + 1..n as NodeId {
+                w.links.insert((a, b), Link { up: true, ..Link::default() });
+                w.schedule(100, Ev::Connect { a, b });
+            }
+        }
+        w.nodes[0].node.as_mut().expect("booted").promote(false).expect("fresh node promotes");
+        w.drain(0);
+        w.schedule(10, Ev::Step);
+        w
+    }
+
+    fn log(&mut self, line: String) {
+        if self.cfg.verbose {
+            println!("{:>9} {line}", self.now);
+        }
+        self.trace.push_back(format!("{:>9} {line}", self.now));
+        if self.trace.len() > TRACE_KEEP {
+            self.trace.pop_front();
+        }
+    }
+
+    pub fn trace(&self) -> Vec<String> {
+        self.trace.iter().cloned().collect()
+    }
+
+    fn schedule(&mut self, delay: u64, ev: Ev) {
+        self.seq += 1;
+        self.queue.push(Reverse((self.now + delay, self.seq)));
+        self.events.insert(self.seq, ev);
+    }
+
+    fn peers_of(&self, id: NodeId) -> Vec<NodeId> {
+        (0..self.cfg.nodes as NodeId).filter(|p| *p != id).collect()
+    }
+
+    fn boot(&mut self, id: NodeId) {
+        let n = &mut self.nodes[id as usize];
+        let mut cfg = NodeConfig::new(id, (0..self.cfg.nodes as NodeId).filter(|p| *p != id).collect(), self.geometry, self.cfg.mode);
+        cfg.destage_interval = 3_000;
+        cfg.resync_window = 4;
+        let mut node = Node::new(cfg, n.disk.meta.clone(), self.seed.wrapping_mul(31).wrapping_add(id as u64 * 1000 + n.inc));
+        node.plant_bugs(self.cfg.bugs);
+        node.start(self.now);
+        n.node = Some(node);
+        self.log(format!("node {id} boots (life {})", self.nodes[id as usize].inc));
+        self.drain(id);
+        self.schedule(500, Ev::Writeback { node: id });
+    }
+
+    /// Feeds one event to a node and carries out what it asks for.
+    fn feed(&mut self, id: NodeId, ev: Event) {
+        let before: Vec<Option<ConnState>> = self.conn_states(id);
+        let Some(node) = self.nodes[id as usize].node.as_mut() else { return };
+        node.handle(self.now, ev);
+        self.drain(id);
+        self.after_conn_change(id, before);
+    }
+
+    fn conn_states(&self, id: NodeId) -> Vec<Option<ConnState>> {
+        let node = self.nodes[id as usize].node.as_ref();
+        (0..self.cfg.nodes as NodeId).map(|p| node.and_then(|n| n.conn(p))).collect()
+    }
+
+    /// Invariant 5, checked live: a handshake between two nodes that both wrote while
+    /// apart must never end in a resync.
+    fn after_conn_change(&mut self, id: NodeId, before: Vec<Option<ConnState>>) {
+        let after = self.conn_states(id);
+        for peer in self.peers_of(id) {
+            let (b, a) = (before[peer as usize], after[peer as usize]);
+            if b == Some(ConnState::Handshaking)
+                && matches!(a, Some(ConnState::SyncSource | ConnState::SyncTarget | ConnState::Connected))
+            {
+                let (x, y) = (id as usize, peer as usize);
+                if self.wrote_apart[x][y] && self.wrote_apart[y][x] {
+                    self.violate("5 (split brain detected)", format!("nodes {id} and {peer} both wrote while apart, yet the handshake went on to {a:?}"));
+                }
+                self.wrote_apart[x][y] = false;
+                self.wrote_apart[y][x] = false;
+                self.summary.resyncs += 1;
+            }
+        }
+    }
+
+    fn violate(&mut self, invariant: &'static str, detail: String) {
+        if self.violation.is_none() {
+            self.log(format!("VIOLATION of invariant {invariant}: {detail}"));
+            self.violation = Some((invariant, detail));
+        }
+    }
+
+    fn drain(&mut self, id: NodeId) {
+        loop {
+            let Some(action) = self.nodes[id as usize].node.as_mut().and_then(|n| n.poll()) else { break };
+            self.act(id, action);
+        }
+    }
+
+    fn io_delay(&mut self, lo: u64, hi: u64) -> u64 {
+        self.rng.gen_range(lo..hi)
+    }
+
+    fn act(&mut self, id: NodeId, action: Action) {
+        let inc = self.nodes[id as usize].inc;
+        match action {
+            Action::WriteLocal { io, offset, payload, fua } => {
+                self.check_record_covers(id, offset, payload.len());
+                self.nodes[id as usize].writes_in_flight.insert(io, (offset, payload.clone()));
+                let fail = self.disk_fault();
+                let d = self.io_delay(5, if fua { 400 } else { 150 });
+                self.schedule(d, Ev::Io { node: id, inc, io, kind: IoKind::Write { offset, payload, fua }, fail });
+            }
+            Action::ReadLocal { io, offset, len } => {
+                let d = self.io_delay(5, 150);
+                self.schedule(d, Ev::Io { node: id, inc, io, kind: IoKind::Read { offset, len }, fail: false });
+            }
+            Action::Harden { io, scope } => {
+                let set = self.nodes[id as usize].disk.harden_set(scope);
+                let d = self.io_delay(50, 800);
+                self.schedule(d, Ev::Io { node: id, inc, io, kind: IoKind::Harden(set), fail: false });
+            }
+            Action::PersistMeta { io, meta } => {
+                let d = self.io_delay(50, 600);
+                self.schedule(d, Ev::Io { node: id, inc, io, kind: IoKind::Meta(Box::new(meta)), fail: false });
+            }
+            Action::Send { peer, msg } => self.send(id, peer, msg),
+            Action::CompleteHost { id: host_id, result } => {
+                self.nodes[id as usize].host.remove(&host_id);
+                match result {
+                    Ok(()) => self.truth.ack(host_id),
+                    Err(_) => self.truth.fail(host_id),
+                }
+            }
+            Action::SetTimer { timer, at } => {
+                let d = at.saturating_sub(self.now);
+                self.schedule(d, Ev::Timer { node: id, inc, timer });
+            }
+            Action::Disconnect { peer, reason, stand_alone } => {
+                self.log(format!("node {id} drops {peer}: {reason} (stand-alone: {stand_alone})"));
+                if matches!(reason, Refusal::SplitBrain { .. }) {
+                    self.summary.split_brains += 1;
+                }
+                if let Refusal::Protocol(why) = &reason {
+                    // The protocol never expects its own messages to be refused.
+                    self.violate("protocol", format!("node {id} refused node {peer}: {why}"));
+                }
+                self.break_link(id, peer, Some(id), 100);
+            }
+        }
+    }
+
+    /// Invariant 2, checked at the moment it matters: a primary writes locally only tracks
+    /// that every connected peer's record holds, or, apart, that its persisted metadata does.
+    fn check_record_covers(&mut self, id: NodeId, offset: u64, len: u64) {
+        let node = self.nodes[id as usize].node.as_ref().expect("alive");
+        if node.role() != Role::Primary {
+            return;
+        }
+        let span = self.geometry.span(Extent::new(offset, len)).expect("valid write");
+        let mut problems = Vec::new();
+        let mut apart = Vec::new();
+        let durable = &self.nodes[id as usize].disk.meta.out_of_sync;
+        for peer in self.peers_of(id) {
+            let replicating = matches!(node.conn(peer), Some(ConnState::Connected | ConnState::SyncSource | ConnState::SyncTarget));
+            let link = &self.links[&key(id, peer)];
+            let peer_inc = if id < peer { link.incs.1 } else { link.incs.0 };
+            // The peer's record counts only if the peer has not crashed since it acknowledged.
+            let record = self.nodes[peer as usize]
+                .node
+                .as_ref()
+                .filter(|_| replicating && self.nodes[peer as usize].inc == peer_inc)
+                .and_then(|p| p.record(id));
+            let peer_covers = |t: u64| record.is_some_and(|r| r.is_marked(t));
+            if replicating && record.is_none() {
+                continue; // the peer crashed after recording: this node's record covers it
+            }
+            let missing: Vec<u64> = span.tracks().filter(|t| !peer_covers(*t) && !durable[*t as usize]).collect();
+            if !missing.is_empty() {
+                problems.push(format!("tracks {missing:?} are neither in node {peer}'s record nor in the persisted out_of_sync"));
+            }
+            if span.tracks().any(|t| !peer_covers(t)) {
+                // Written without the peer recording it: the peer cannot see this write.
+                apart.push(peer);
+            }
+        }
+        for peer in apart {
+            self.wrote_apart[id as usize][peer as usize] = true;
+        }
+        if !problems.is_empty() {
+            self.violate("2 (record covers divergence)", format!("primary {id} writes {len} bytes at {offset} locally, but {}", problems.join("; ")));
+        }
+    }
+
+    fn disk_fault(&mut self) -> bool {
+        match self.cfg.faults {
+            FaultClass::Single => self.faults_active == 0 && self.healthy() && self.rng.gen_bool(0.0005),
+            FaultClass::Chaos => self.rng.gen_bool(0.001),
+        }
+    }
+
+    fn send(&mut self, from: NodeId, to: NodeId, msg: Message) {
+        let link = self.links.get_mut(&key(from, to)).expect("link");
+        if !link.connected {
+            return;
+        }
+        let dir = usize::from(from > to);
+        let delay = self.rng.gen_range(20..800);
+        // TCP: in order on one connection, whatever the delay of each segment.
+        let at = (self.now + delay).max(link.last_delivery[dir]);
+        link.last_delivery[dir] = at;
+        let epoch = link.epoch;
+        self.seq += 1;
+        self.queue.push(Reverse((at, self.seq)));
+        self.events.insert(self.seq, Ev::Deliver { from, to, epoch, msg: Box::new(msg) });
+    }
+
+    /// Ends the connection between a and b. `told` already knows (it asked for it); the
+    /// other ends learn after `detect` (a reset is quick, a silent partition takes the
+    /// keepalive timeout).
+    fn break_link(&mut self, a: NodeId, b: NodeId, told: Option<NodeId>, detect: u64) {
+        let link = self.links.get_mut(&key(a, b)).expect("link");
+        if !link.connected {
+            return;
+        }
+        link.connected = false;
+        link.epoch += 1;
+        for n in [a, b] {
+            if Some(n) != told && self.nodes[n as usize].node.is_some() {
+                let peer = if n == a { b } else { a };
+                let inc = self.nodes[n as usize].inc;
+                self.links.get_mut(&key(a, b)).expect("link").lost_pending += 1;
+                self.schedule(detect, Ev::PeerLost { node: n, peer, inc });
+            }
+        }
+    }
+
+    fn try_connect(&mut self, a: NodeId, b: NodeId) {
+        let alive = self.nodes[a as usize].node.is_some() && self.nodes[b as usize].node.is_some();
+        let link = &self.links[&key(a, b)];
+        if !alive || !link.up || link.connected || link.lost_pending > 0 {
+            return;
+        }
+        let stand_alone = [(a, b), (b, a)]
+            .iter()
+            .any(|(x, y)| self.nodes[*x as usize].node.as_ref().and_then(|n| n.conn(*y)) == Some(ConnState::StandAlone));
+        if stand_alone {
+            return;
+        }
+        let incs = (self.nodes[a as usize].inc, self.nodes[b as usize].inc);
+        let link = self.links.get_mut(&key(a, b)).expect("link");
+        link.connected = true;
+        link.epoch += 1;
+        link.incs = incs;
+        link.last_delivery = [self.now; 2];
+        self.log(format!("link {a}-{b} connects"));
+        self.feed(a, Event::PeerConnected { peer: b });
+        self.feed(b, Event::PeerConnected { peer: a });
+    }
+
+    fn crash(&mut self, id: NodeId) {
+        if self.nodes[id as usize].node.is_none() {
+            return;
+        }
+        self.log(format!("node {id} CRASHES"));
+        self.summary.crashes += 1;
+        let n = &mut self.nodes[id as usize];
+        n.node = None;
+        n.inc += 1;
+        n.down_since = self.now;
+        let in_flight: Vec<(u64, Payload)> = std::mem::take(&mut n.writes_in_flight).into_values().collect();
+        n.disk.crash(&mut self.rng, &in_flight);
+        for host_id in std::mem::take(&mut self.nodes[id as usize].host).into_keys() {
+            self.truth.fail(host_id);
+        }
+        for peer in self.peers_of(id) {
+            let detect = if self.rng.gen_bool(0.5) { 300 } else { 4_000 };
+            self.break_link(id, peer, Some(id), detect);
+        }
+    }
+
+    fn healthy(&self) -> bool {
+        self.nodes.iter().enumerate().all(|(i, n)| {
+            n.node.as_ref().is_some_and(|node| {
+                node.disk() == DiskState::UpToDate
+                    && self.peers_of(i as NodeId).iter().all(|p| node.conn(*p) == Some(ConnState::Connected))
+            })
+        }) && self.links.values().all(|l| l.up && l.connected)
+    }
+
+    fn primary(&self) -> Option<NodeId> {
+        self.nodes.iter().position(|n| n.node.as_ref().is_some_and(|n| n.role() == Role::Primary)).map(|i| i as NodeId)
+    }
+
+    /// One step of the scenario: host I/O, a fault, or an operator's move.
+    fn step(&mut self) {
+        if self.steps_left == 0 {
+            return;
+        }
+        self.steps_left -= 1;
+        let roll = self.rng.gen_range(0..100);
+        match roll {
+            0..=79 => self.host_io(),
+            80..=84 => self.inject_fault(),
+            _ => self.operate(),
+        }
+        let d = self.rng.gen_range(20..300);
+        self.schedule(d, Ev::Step);
+    }
+
+    fn host_io(&mut self) {
+        let Some(p) = self.primary() else { return };
+        if self.nodes[p as usize].host.len() >= 4 {
+            return;
+        }
+        let host_id = self.next_host_id;
+        self.next_host_id += 1;
+        let kind = self.rng.gen_range(0..100);
+        if kind < 6 {
+            self.nodes[p as usize].host.insert(host_id, None);
+            self.log(format!("host FLUSH #{host_id} at {p}"));
+            return self.feed(p, Event::HostFlush { id: host_id });
+        }
+        let blocks_total = self.geometry.volume_size() / BLOCK;
+        // Hot spots: most writes land in the first quarter, where tracks get rewritten.
+        let span_blocks = if self.rng.gen_bool(0.7) { blocks_total / 4 } else { blocks_total };
+        let len = self.rng.gen_range(1..=16u64);
+        let start = self.rng.gen_range(0..span_blocks.saturating_sub(len).max(1));
+        let extent = Extent::new(start * BLOCK, len * BLOCK);
+        let busy = self.nodes[p as usize].host.values().flatten().any(|e| e.offset < extent.end() && extent.offset < e.end());
+        if busy {
+            return; // hosts do not race writes to the same blocks
+        }
+        self.nodes[p as usize].host.insert(host_id, Some(extent));
+        if kind < 12 {
+            self.truth.issue(host_id, 0, extent);
+            self.log(format!("host DISCARD #{host_id} at {p}: {} blocks at block {start}", len));
+            return self.feed(p, Event::HostDiscard { id: host_id, offset: extent.offset, len: extent.len, zeroes: kind < 9 });
+        }
+        let value = self.next_value;
+        self.next_value += 1;
+        self.truth.issue(host_id, value, extent);
+        let fua = kind >= 95;
+        self.log(format!("host WRITE #{host_id} at {p}: value {value}, {len} blocks at block {start}{}", if fua { " FUA" } else { "" }));
+        self.feed(p, Event::HostWrite { id: host_id, offset: extent.offset, data: payload_for(value, len), fua });
+    }
+
+    fn inject_fault(&mut self) {
+        if self.cfg.faults == FaultClass::Single && (self.faults_active > 0 || !self.healthy()) {
+            return;
+        }
+        let n = self.cfg.nodes as NodeId;
+        if self.rng.gen_bool(0.6) {
+            let victim = self.rng.gen_range(0..n);
+            if self.nodes[victim as usize].node.is_some() {
+                self.faults_active += 1;
+                self.crash(victim);
+            }
+        } else {
+            let a = self.rng.gen_range(0..n);
+            let b = (a + self.rng.gen_range(1..n)) % n;
+            let silent = self.rng.gen_bool(0.5);
+            let link = self.links.get_mut(&key(a, b)).expect("link");
+            if link.up {
+                link.up = false;
+                link.cut_since = self.now;
+                self.faults_active += 1;
+                self.log(format!("link {a}-{b} CUT ({})", if silent { "silent" } else { "reset" }));
+                self.break_link(a, b, None, if silent { 4_000 } else { 200 });
+            }
+        }
+    }
+
+    /// What an operator or cluster manager would do: restart, heal, fail over, fail back,
+    /// resolve refusals.
+    fn operate(&mut self) {
+        let chaos = self.cfg.faults == FaultClass::Chaos;
+        for id in 0..self.cfg.nodes as NodeId {
+            let n = &self.nodes[id as usize];
+            let failed = n.node.as_ref().is_some_and(|n| n.disk() == DiskState::Failed);
+            if failed {
+                self.log(format!("node {id} detached its failed disk; restarting it"));
+                self.crash(id);
+                if !chaos {
+                    // The failed disk is this run's one fault.
+                    self.faults_active = self.faults_active.max(1);
+                }
+            } else if n.node.is_none() && self.now - n.down_since > 2_000 && self.rng.gen_bool(0.5) {
+                self.boot(id);
+                self.faults_active = self.faults_active.saturating_sub(1);
+                self.reconnect_all(id);
+            }
+        }
+        let keys: Vec<(NodeId, NodeId)> = self.links.keys().copied().collect();
+        for (a, b) in keys {
+            let link = &self.links[&(a, b)];
+            if !link.up && self.now - link.cut_since > 2_000 && self.rng.gen_bool(0.5) {
+                self.links.get_mut(&(a, b)).expect("link").up = true;
+                self.faults_active = self.faults_active.saturating_sub(1);
+                self.log(format!("link {a}-{b} heals"));
+                self.schedule(300, Ev::Connect { a, b });
+            }
+        }
+        self.failover(chaos);
+        self.resolve_refusals();
+        if !chaos && self.healthy() && self.rng.gen_bool(0.1) {
+            self.failback();
+        }
+    }
+
+    /// Promotes a secondary when no primary runs: in the single-failure class only when the
+    /// primary is really down (a cluster manager with fencing); in chaos, whenever this node
+    /// cannot see a primary, which makes split brains.
+    fn failover(&mut self, chaos: bool) {
+        if self.primary().is_some() && !chaos {
+            return;
+        }
+        let n = self.cfg.nodes as NodeId;
+        let candidate = self.rng.gen_range(0..n);
+        let Some(node) = self.nodes[candidate as usize].node.as_mut() else { return };
+        if node.role() == Role::Primary {
+            return;
+        }
+        let sees_primary = (0..n).any(|p| node.peer_state(p).is_some_and(|s| s.role == Role::Primary));
+        if chaos && (sees_primary || !self.rng.gen_bool(0.2)) {
+            return;
+        }
+        let force = chaos && self.rng.gen_bool(0.3);
+        if node.promote(force).is_ok() {
+            self.log(format!("operator promotes node {candidate}{}", if force { " --force" } else { "" }));
+            self.drain(candidate);
+        }
+    }
+
+    fn failback(&mut self) {
+        let Some(p) = self.primary() else { return };
+        let other = (p + 1) % self.cfg.nodes as NodeId;
+        if self.nodes[p as usize].node.as_mut().expect("alive").demote().is_ok() {
+            self.drain(p);
+            self.log(format!("operator switches primary {p} -> {other}"));
+            if self.nodes[other as usize].node.as_mut().expect("alive").promote(false).is_ok() {
+                self.drain(other);
+            } else {
+                self.nodes[p as usize].node.as_mut().expect("alive").promote(false).expect("was primary");
+                self.drain(p);
+            }
+        }
+    }
+
+    /// Stand-alone pairs (a split brain or another refusal): the DRBD way, the operator
+    /// picks a victim, discards its data (`invalidate`) and connects again.
+    fn resolve_refusals(&mut self) {
+        let keys: Vec<(NodeId, NodeId)> = self.links.keys().copied().collect();
+        for (a, b) in keys {
+            let (Some(na), Some(nb)) = (self.nodes[a as usize].node.as_ref(), self.nodes[b as usize].node.as_ref()) else {
+                continue;
+            };
+            if na.conn(b) != Some(ConnState::StandAlone) && nb.conn(a) != Some(ConnState::StandAlone) {
+                continue;
+            }
+            let good = |n: &Node| n.disk() != DiskState::Failed;
+            if !good(na) || !good(nb) {
+                continue;
+            }
+            // Keep the primary's data, else the better disk, else a's.
+            let victim = match (na.role(), nb.role()) {
+                (Role::Primary, Role::Secondary) => b,
+                (Role::Secondary, Role::Primary) => a,
+                _ if na.disk() == DiskState::Inconsistent && nb.disk() != DiskState::Inconsistent => a,
+                _ => b,
+            };
+            let keeper = if victim == a { b } else { a };
+            let v = self.nodes[victim as usize].node.as_mut().expect("alive");
+            if v.role() == Role::Primary && v.demote().is_err() {
+                continue;
+            }
+            if v.invalidate().is_err() {
+                continue;
+            }
+            v.reconnect(keeper);
+            self.drain(victim);
+            let k = self.nodes[keeper as usize].node.as_mut().expect("alive");
+            if matches!(k.disk(), DiskState::Inconsistent | DiskState::Outdated | DiskState::Consistent) {
+                let _ = k.promote(true);
+                let _ = k.demote();
+            }
+            k.reconnect(victim);
+            self.drain(keeper);
+            self.wrote_apart[victim as usize][keeper as usize] = false;
+            self.wrote_apart[keeper as usize][victim as usize] = false;
+            self.log(format!("operator resolves {a}-{b}: node {victim} discards its data"));
+            self.schedule(300, Ev::Connect { a, b });
+        }
+    }
+
+    fn reconnect_all(&mut self, id: NodeId) {
+        for peer in self.peers_of(id) {
+            self.schedule(300, Ev::Connect { a: id.min(peer), b: id.max(peer) });
+        }
+    }
+
+    fn dispatch(&mut self, ev: Ev) {
+        match ev {
+            Ev::Deliver { from, to, epoch, msg } => {
+                if self.links[&key(from, to)].epoch != epoch {
+                    return;
+                }
+                self.summary.messages += 1;
+                self.log(format!("{from} -> {to}: {}", describe(&msg)));
+                self.feed(to, Event::Received { peer: from, msg: *msg });
+            }
+            Ev::Io { node, inc, io, kind, fail } => {
+                if self.nodes[node as usize].inc != inc {
+                    return;
+                }
+                let n = &mut self.nodes[node as usize];
+                let result = if fail {
+                    n.writes_in_flight.remove(&io);
+                    self.log(format!("node {node}: injected I/O error on io {io}"));
+                    Err(IoError("injected media error".into()))
+                } else {
+                    match kind {
+                        IoKind::Write { offset, payload, fua } => {
+                            n.writes_in_flight.remove(&io);
+                            n.disk.complete_write(offset, &payload, fua);
+                            Ok(None)
+                        }
+                        IoKind::Read { offset, len } => Ok(Some(n.disk.read(offset, len))),
+                        IoKind::Harden(set) => {
+                            n.disk.complete_harden(&set);
+                            Ok(None)
+                        }
+                        IoKind::Meta(meta) => {
+                            n.disk.meta = *meta;
+                            Ok(None)
+                        }
+                    }
+                };
+                self.feed(node, Event::IoDone { io, result });
+            }
+            Ev::Timer { node, inc, timer } => {
+                if self.nodes[node as usize].inc == inc {
+                    self.feed(node, Event::Timer(timer));
+                }
+            }
+            Ev::PeerLost { node, peer, inc } => {
+                let link = self.links.get_mut(&key(node, peer)).expect("link");
+                link.lost_pending -= 1;
+                if self.nodes[node as usize].inc == inc {
+                    self.log(format!("node {node} loses peer {peer}"));
+                    self.feed(node, Event::PeerLost { peer });
+                }
+                self.schedule(300, Ev::Connect { a: node.min(peer), b: node.max(peer) });
+            }
+            Ev::Connect { a, b } => self.try_connect(a, b),
+            Ev::Writeback { node } => {
+                let n = &mut self.nodes[node as usize];
+                if n.node.is_some() {
+                    n.disk.writeback_some(&mut self.rng);
+                    self.schedule(2_000, Ev::Writeback { node });
+                }
+            }
+            Ev::Step => self.step(),
+        }
+    }
+
+    /// Runs the scenario, then heals everything and lets the cluster settle.
+    pub fn run(&mut self) -> Result<(), (&'static str, String)> {
+        while self.steps_left > 0 {
+            if !self.next_event() {
+                break;
+            }
+            if let Some(v) = self.violation.take() {
+                return Err(v);
+            }
+        }
+        self.settle()?;
+        self.check_end()
+    }
+
+    fn next_event(&mut self) -> bool {
+        let Some(Reverse((at, seq))) = self.queue.pop() else { return false };
+        self.now = at;
+        let ev = self.events.remove(&seq).expect("scheduled event");
+        self.summary.events += 1;
+        self.dispatch(ev);
+        true
+    }
+
+    fn settled(&self) -> bool {
+        self.healthy()
+            && self.nodes.iter().all(|n| n.node.as_ref().is_some_and(|n| n.is_quiet()) && n.host.is_empty())
+            && !self.events.values().any(|e| matches!(e, Ev::Deliver { .. } | Ev::Io { .. } | Ev::PeerLost { .. }))
+    }
+
+    fn settle(&mut self) -> Result<(), (&'static str, String)> {
+        let deadline = self.now + 2_000_000;
+        let mut next_operator = self.now;
+        let keys: Vec<(NodeId, NodeId)> = self.links.keys().copied().collect();
+        for (a, b) in keys {
+            let link = self.links.get_mut(&(a, b)).expect("link");
+            if !link.up {
+                link.up = true;
+                self.schedule(300, Ev::Connect { a, b });
+            }
+        }
+        self.faults_active = 0;
+        while !self.settled() {
+            if self.now >= next_operator {
+                next_operator = self.now + 1_000;
+                for id in 0..self.cfg.nodes as NodeId {
+                    let n = &self.nodes[id as usize];
+                    if n.node.is_none() {
+                        self.boot(id);
+                        self.reconnect_all(id);
+                    } else if n.node.as_ref().is_some_and(|n| n.disk() == DiskState::Failed) {
+                        self.crash(id);
+                    }
+                }
+                self.resolve_refusals();
+                // No primary is fine for a resync; settle may still need to pick a source.
+                for (a, b) in self.links.keys().copied().collect::<Vec<_>>() {
+                    self.schedule(10, Ev::Connect { a, b });
+                }
+            }
+            if self.now > deadline || !self.next_event() {
+                let states: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .map(|n| match &n.node {
+                        Some(node) => format!("{:?}", node.status()),
+                        None => "down".into(),
+                    })
+                    .collect();
+                return Err(("liveness (the cluster settles)", format!("not in sync after healing: {}", states.join(" | "))));
+            }
+            if let Some(v) = self.violation.take() {
+                return Err(v);
+            }
+        }
+        Ok(())
+    }
+
+    fn check_end(&mut self) -> Result<(), (&'static str, String)> {
+        let images: Vec<Vec<u64>> = self.nodes.iter().map(|n| n.disk.image()).collect();
+        for (i, img) in images.iter().enumerate().skip(1) {
+            let diff: Vec<String> = img
+                .iter()
+                .zip(&images[0])
+                .enumerate()
+                .filter(|(_, (a, b))| a != b)
+                .take(8)
+                .map(|(blk, (a, b))| format!("block {blk} (track {}): node 0 has {b}, node {i} has {a}", blk as u64 * BLOCK / 4096))
+                .collect();
+            if !diff.is_empty() {
+                return Err(("2/3 (resync leaves identical replicas)", diff.join("; ")));
+            }
+        }
+        if self.cfg.faults == FaultClass::Single {
+            let lost = self.truth.lost_blocks(&images[0]);
+            if !lost.is_empty() {
+                let shown: Vec<String> = lost.into_iter().take(6).collect();
+                return Err(("1 (no acknowledged write lost)", shown.join("; ")));
+            }
+        }
+        self.summary.host_writes = self.truth.issued;
+        self.summary.acknowledged = self.truth.acknowledged;
+        Ok(())
+    }
+}
+
+fn describe(msg: &Message) -> String {
+    match msg {
+        Message::Data { id, offset, payload, fua } => {
+            let v = payload.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8"))).unwrap_or(0);
+            format!("Data #{id} value {v} at block {} x{}{}", offset / BLOCK, payload.len() as u64 / BLOCK, if *fua { " fua" } else { "" })
+        }
+        Message::ResyncData { track, .. } => format!("ResyncData track {track}"),
+        Message::RecordPage { range, bits } => format!("RecordPage range {range} {:02x?}", &bits[..]),
+        Message::State(s) => format!(
+            "State {:?} {:?} gen {:#x} (hist {}) crashed {}",
+            s.role,
+            s.disk,
+            s.generations.current,
+            s.generations.history.len(),
+            s.crashed
+        ),
+        other => format!("{other:?}"),
+    }
+}
