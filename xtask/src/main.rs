@@ -1,1 +1,51 @@
-fn main() {}
+//! `cargo xtask`: the project's developer and CI commands.
+//!
+//! `cargo xtask test` is the one test command (CI runs it through `.ci/run`).
+
+mod apt;
+mod cmd;
+mod fuzz;
+mod paths;
+mod sim;
+mod test;
+mod tools;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "Tandem's developer and CI tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install missing tools, then run fmt, clippy, all tests and the simulator budget (CI runs this)
+    Test,
+    /// Run the deterministic simulator (`tandem-sim`, release build)
+    Sim(sim::SimArgs),
+    /// Fuzz the wire decoder with cargo-fuzz on the nightly toolchain
+    Fuzz(fuzz::FuzzArgs),
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().task {
+        Task::Test => test::run(),
+        Task::Sim(args) => sim::run(&args),
+        Task::Fuzz(args) => fuzz::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -165,6 +165,12 @@ impl World {
         let mut node = Node::new(cfg, n.disk.meta.clone(), self.seed.wrapping_mul(31).wrapping_add(id as u64 * 1000 + n.inc));
         node.plant_bugs(self.cfg.bugs);
         node.start(self.now);
+        if node.generations().current == 0 {
+            // A blank replica (its disk failed) discards everything it wrote: no merge.
+            for peer in 0..self.cfg.nodes {
+                self.wrote_apart[id as usize][peer] = false;
+            }
+        }
         n.node = Some(node);
         self.log(format!("node {id} boots (life {})", self.nodes[id as usize].inc));
         self.drain(id);

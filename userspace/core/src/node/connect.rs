@@ -62,28 +62,36 @@ pub fn decide(a: &StateReport, b: &StateReport) -> Result<Plan, Refusal> {
         _ => lo.generations.compare(&hi.generations),
     };
     let (ours, theirs) = (lo.generations.current, hi.generations.current);
-    let blank = ours == 0 || theirs == 0;
-    let (source, full) = match relation {
+    // Both lost their in-memory records (or one has no data at all): no record can say
+    // which tracks differ.
+    let full = ours == 0 || theirs == 0 || (lo.crashed && hi.crashed);
+    let source = match relation {
         GenRelation::Diverged => return Err(Refusal::SplitBrain { ours, theirs }),
         GenRelation::Unrelated => return Err(Refusal::UnrelatedData { ours, theirs }),
-        GenRelation::Ahead => (lo, blank),
-        GenRelation::Behind => (hi, blank),
-        GenRelation::Same => match (lo.crashed, hi.crashed) {
-            // Both lost their records: nothing says which tracks differ.
-            (true, true) => (tie_break(lo, hi), true),
-            (true, false) => (hi, blank),
-            (false, true) => (lo, blank),
-            (false, false) => (tie_break(lo, hi), blank),
+        GenRelation::Ahead => lo,
+        GenRelation::Behind => hi,
+        // Same generation: whoever crashed lost cached writes the other still holds.
+        GenRelation::Same => match (valid(lo), valid(hi), lo.crashed, hi.crashed) {
+            (true, false, ..) => lo,
+            (false, true, ..) => hi,
+            (_, _, true, false) => hi,
+            (_, _, false, true) => lo,
+            _ => tie_break(lo, hi),
         },
     };
     let target = if source.node == lo.node { hi } else { lo };
-    if matches!(source.disk, DiskState::Inconsistent | DiskState::Failed) {
+    if !valid(source) {
         return Err(Refusal::NoValidData);
     }
     if target.role == Role::Primary {
         return Err(Refusal::PrimaryWouldBeTarget);
     }
     Ok(Plan { source: source.node, target: target.node, full })
+}
+
+/// Holds an image that could serve as a resync source.
+fn valid(s: &StateReport) -> bool {
+    !matches!(s.disk, DiskState::Inconsistent | DiskState::Failed)
 }
 
 fn tie_break<'a>(lo: &'a StateReport, hi: &'a StateReport) -> &'a StateReport {
@@ -130,6 +138,10 @@ impl Node {
             hs.state = Some(report);
             return;
         }
+        if report.role == Role::Primary && self.meta.role == Role::Primary {
+            return self.drop_peer(peer, Refusal::BothPrimary, true);
+        }
+        let p = self.peers.get_mut(&peer).expect("peer");
         let adopt = self.meta.role == Role::Secondary
             && report.role == Role::Primary
             && p.conn == ConnState::Connected

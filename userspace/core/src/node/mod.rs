@@ -162,6 +162,8 @@ pub enum AdminError {
     Busy(usize),
     #[error("a connection handshake is in progress")]
     Handshaking,
+    #[error("this node is receiving a resync from peer {0}; wait for it to finish")]
+    SyncTarget(NodeId),
     #[error("the local disk failed")]
     DiskFailed,
 }
@@ -235,6 +237,9 @@ impl Node {
     /// and must differ between nodes and restarts (the daemon passes random bytes).
     pub fn new(cfg: NodeConfig, mut meta: Meta, seed: u64) -> Self {
         let crashed_now = !meta.clean;
+        if meta.disk == DiskState::Failed {
+            meta.out_of_sync.fill(true);
+        }
         let peers = cfg
             .peers
             .iter()
@@ -248,6 +253,13 @@ impl Node {
                 (p, peer)
             })
             .collect();
+        if meta.disk == DiskState::Failed {
+            // The device erred under the last run: nothing on it can be trusted, so it
+            // comes back blank and takes a full resync from a peer.
+            meta.disk = DiskState::Inconsistent;
+            meta.generations = Generations::new(0);
+            meta.out_of_sync.fill(true);
+        }
         if crashed_now {
             meta.crashed = true;
             meta.role = Role::Secondary;
@@ -333,6 +345,10 @@ impl Node {
             if p.conn == ConnState::Handshaking {
                 return Err(AdminError::Handshaking);
             }
+            if p.conn == ConnState::SyncTarget {
+                // Resync copies would land on top of the new primary's own writes.
+                return Err(AdminError::SyncTarget(id));
+            }
             if is_linked(p.conn) && p.state.as_ref().is_some_and(|s| s.role == Role::Primary) {
                 return Err(AdminError::PeerIsPrimary(id));
             }
@@ -341,6 +357,10 @@ impl Node {
             DiskState::UpToDate => {}
             other if !force => return Err(AdminError::NotUpToDate(other)),
             _ => self.meta.disk = DiskState::UpToDate,
+        }
+        if self.meta.generations.current == 0 {
+            // The operator declared a blank replica's data authoritative: it starts a lineage.
+            self.meta.generations = Generations::new(self.fresh_gen());
         }
         self.meta.role = Role::Primary;
         self.persist_meta();
@@ -571,6 +591,7 @@ impl Node {
             return;
         }
         self.meta.disk = DiskState::Failed;
+        self.persist_meta();
         self.fail_all_host(HostError::DiskFailed(why));
         let peers: Vec<NodeId> = self.peers.keys().copied().collect();
         for peer in peers {

@@ -12,7 +12,8 @@ use crate::wire::{Message, WriteId};
 impl Node {
     pub(super) fn on_replica_write(&mut self, peer: NodeId, id: WriteId, extent: Extent, payload: Payload, fua: bool) {
         if self.meta.role == Role::Primary {
-            return self.protocol_error(peer, "replicated write received by a primary".into());
+            // Both sides were promoted at once, each before it heard of the other.
+            return self.drop_peer(peer, super::Refusal::BothPrimary, true);
         }
         if !is_replicating(self.peers[&peer].conn) {
             return self.protocol_error(peer, "replicated write before the handshake finished".into());

@@ -114,8 +114,8 @@ impl Node {
     }
 
     pub(super) fn resync_read_done(&mut self, peer: NodeId, track: TrackId, io: IoId, data: Bytes) {
-        let Some(Resync::Source { todo, reading, awaiting, .. }) = &mut self.peers.get_mut(&peer).expect("peer").resync
-        else {
+        let p = self.peers.get_mut(&peer).expect("peer");
+        let Some(Resync::Source { todo, reading, awaiting, .. }) = &mut p.resync else {
             return;
         };
         match reading.get(&track) {
@@ -126,6 +126,10 @@ impl Node {
                     todo.insert(track);
                 } else {
                     awaiting.insert(track);
+                    // Like any data sent, the copy is recorded until the target hardens it:
+                    // the union mark from the handshake may sit in an old bitmap that the
+                    // target's next destage scan clears before this copy is hardened.
+                    p.record.mark(track);
                     self.send(peer, Message::ResyncData { track, payload: data });
                 }
             }
@@ -182,10 +186,9 @@ impl Node {
         p.resync = None;
         p.conn = ConnState::Connected;
         let source = p.state.clone().expect("state from handshake");
-        self.meta.disk = match source.disk {
-            DiskState::UpToDate | DiskState::Consistent => source.disk,
-            _ => DiskState::Outdated,
-        };
+        // The source holds the newest data both sides know of (it became UpToDate when
+        // the handshake chose it), and this replica now equals it.
+        self.meta.disk = DiskState::UpToDate;
         self.meta.generations = source.generations;
         self.meta.crashed = false;
         self.persist_meta();

@@ -1,0 +1,51 @@
+//! System packages the tests need, installed with apt on Debian.
+
+use anyhow::{bail, Result};
+
+use crate::cmd::Cmd;
+use crate::tools::is_root;
+
+/// Debian packages `cargo xtask test` needs. The one place to add clang, bpftool, fuse3, qemu...
+pub const APT_PACKAGES: &[&str] = &[];
+
+/// Install the missing packages of [`APT_PACKAGES`] when root; otherwise fail naming them.
+pub fn ensure_packages() -> Result<()> {
+    ensure(APT_PACKAGES)
+}
+
+fn ensure(packages: &[&str]) -> Result<()> {
+    if packages.is_empty() {
+        return Ok(());
+    }
+    if !Cmd::new("dpkg").arg("--version").succeeds() {
+        println!(
+            "warning: no dpkg here, cannot check for the Debian packages {}; install their equivalents yourself",
+            packages.join(" ")
+        );
+        return Ok(());
+    }
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|package| !Cmd::new("dpkg").args(["-s", package]).succeeds())
+        .collect();
+    if missing.is_empty() {
+        println!("apt packages present: {}", packages.join(" "));
+        return Ok(());
+    }
+    if !is_root()? {
+        bail!(
+            "missing Debian packages: {0}; install them with `sudo apt-get install {0}` or run as root",
+            missing.join(" ")
+        );
+    }
+    Cmd::new("apt-get")
+        .arg("update")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .run()?;
+    Cmd::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .run()
+}
