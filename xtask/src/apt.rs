@@ -24,11 +24,8 @@ fn ensure(packages: &[&str]) -> Result<()> {
         );
         return Ok(());
     }
-    let missing: Vec<&str> = packages
-        .iter()
-        .copied()
-        .filter(|package| !Cmd::new("dpkg").args(["-s", package]).succeeds())
-        .collect();
+    let missing: Vec<&str> =
+        packages.iter().copied().filter(|package| !Cmd::new("dpkg").args(["-s", package]).succeeds()).collect();
     if missing.is_empty() {
         println!("apt packages present: {}", packages.join(" "));
         return Ok(());
@@ -39,10 +36,7 @@ fn ensure(packages: &[&str]) -> Result<()> {
             missing.join(" ")
         );
     }
-    Cmd::new("apt-get")
-        .arg("update")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .run()?;
+    Cmd::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive").run()?;
     Cmd::new("apt-get")
         .args(["install", "-y", "--no-install-recommends"])
         .args(missing)

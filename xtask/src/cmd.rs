@@ -16,11 +16,7 @@ pub struct Cmd {
 
 impl Cmd {
     pub fn new(program: impl Into<String>) -> Self {
-        Self {
-            program: program.into(),
-            args: Vec::new(),
-            envs: Vec::new(),
-        }
+        Self { program: program.into(), args: Vec::new(), envs: Vec::new() }
     }
 
     /// `cargo` from PATH (the rustup proxy, so `+nightly` works).
@@ -49,22 +45,17 @@ impl Cmd {
 
     fn command(&self) -> Command {
         let mut command = Command::new(&self.program);
-        command
-            .args(&self.args)
-            .envs(self.envs.iter().map(|(k, v)| (k, v)))
-            .current_dir(workspace_root());
+        command.args(&self.args).envs(self.envs.iter().map(|(k, v)| (k, v))).current_dir(workspace_root());
         command
     }
 
     /// Echo the command, run it with inherited stdio, fail on a non-zero exit.
     pub fn run(&self) -> Result<()> {
         println!("$ {self}");
-        let status = self.command().status().with_context(|| {
-            format!(
-                "could not start `{self}` (is `{}` installed?)",
-                self.program
-            )
-        })?;
+        let status = self
+            .command()
+            .status()
+            .with_context(|| format!("could not start `{self}` (is `{}` installed?)", self.program))?;
         if !status.success() {
             bail!("`{self}` failed ({status})");
         }
@@ -88,12 +79,7 @@ impl Cmd {
             .stdin(Stdio::null())
             .stderr(Stdio::inherit())
             .output()
-            .with_context(|| {
-                format!(
-                    "could not start `{self}` (is `{}` installed?)",
-                    self.program
-                )
-            })?;
+            .with_context(|| format!("could not start `{self}` (is `{}` installed?)", self.program))?;
         if !output.status.success() {
             bail!("`{self}` failed ({})", output.status);
         }
@@ -116,9 +102,7 @@ impl fmt::Display for Cmd {
 
 /// Quote an argument for display only, so an echoed command can be pasted into a shell.
 fn quote(s: &str) -> String {
-    let plain = !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./=+:,@%".contains(c));
+    let plain = !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=+:,@%".contains(c));
     if plain {
         s.to_string()
     } else {

@@ -19,15 +19,7 @@ pub fn run(args: &FuzzArgs) -> Result<()> {
     ensure_nightly()?;
     ensure_cargo_tool("fuzz", "cargo-fuzz")?;
     Cmd::cargo()
-        .args([
-            "+nightly",
-            "fuzz",
-            "run",
-            TARGET,
-            "--fuzz-dir",
-            "fuzz",
-            "--",
-        ])
+        .args(["+nightly", "fuzz", "run", TARGET, "--fuzz-dir", "fuzz", "--"])
         .arg(format!("-max_total_time={}", args.seconds))
         .env("RUSTUP_AUTO_INSTALL", "0")
         .run()

@@ -15,11 +15,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "xtask",
-    bin_name = "cargo xtask",
-    about = "Tandem's developer and CI tasks"
-)]
+#[command(name = "xtask", bin_name = "cargo xtask", about = "Tandem's developer and CI tasks")]
 struct Cli {
     #[command(subcommand)]
     task: Task,

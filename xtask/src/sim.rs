@@ -44,24 +44,10 @@ impl SimArgs {
 }
 
 pub fn run(args: &SimArgs) -> Result<()> {
-    Cmd::cargo()
-        .args([
-            "run",
-            "--release",
-            "-p",
-            "tandem-sim",
-            "--bin",
-            "tandem-sim",
-            "--",
-        ])
-        .args(args.to_args())
-        .run()
+    Cmd::cargo().args(["run", "--release", "-p", "tandem-sim", "--bin", "tandem-sim", "--"]).args(args.to_args()).run()
 }
 
 /// The simulator budget of `cargo xtask test`.
 pub fn run_ci() -> Result<()> {
-    run(&SimArgs {
-        seeds: Some(SIM_CI_SEEDS),
-        ..SimArgs::default()
-    })
+    run(&SimArgs { seeds: Some(SIM_CI_SEEDS), ..SimArgs::default() })
 }

@@ -27,16 +27,7 @@ pub fn run() -> Result<()> {
         })?;
         step(&mut timings, "fmt", fmt_check)?;
         step(&mut timings, "clippy", || {
-            Cmd::cargo()
-                .args([
-                    "clippy",
-                    "--workspace",
-                    "--all-targets",
-                    "--",
-                    "-D",
-                    "warnings",
-                ])
-                .run()
+            Cmd::cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]).run()
         })?;
         step(&mut timings, "test", || run_tests(runner))?;
         step(&mut timings, "sim", sim::run_ci)
@@ -52,11 +43,7 @@ pub fn run() -> Result<()> {
 }
 
 /// Run one named step: header, timing, and an error that says which step failed.
-fn step<'a>(
-    timings: &mut Vec<(&'a str, Duration)>,
-    name: &'a str,
-    body: impl FnOnce() -> Result<()>,
-) -> Result<()> {
+fn step<'a>(timings: &mut Vec<(&'a str, Duration)>, name: &'a str, body: impl FnOnce() -> Result<()>) -> Result<()> {
     println!("==> {name}");
     let start = Instant::now();
     let result = body();
@@ -80,7 +67,9 @@ fn ensure_tools() -> Result<Runner> {
     match ensure_cargo_tool("nextest", "cargo-nextest") {
         Ok(()) => Ok(Runner::Nextest),
         Err(error) => {
-            println!("warning: no cargo-nextest ({error:#}); falling back to `cargo test`, which prints no nextest summary");
+            println!(
+                "warning: no cargo-nextest ({error:#}); falling back to `cargo test`, which prints no nextest summary"
+            );
             Ok(Runner::CargoTest)
         }
     }
@@ -89,13 +78,9 @@ fn ensure_tools() -> Result<Runner> {
 fn run_tests(runner: Runner) -> Result<()> {
     match runner {
         Runner::Nextest => {
-            Cmd::cargo()
-                .args(["nextest", "run", "--workspace", "--no-fail-fast"])
-                .run()?;
+            Cmd::cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]).run()?;
             Cmd::cargo().args(["test", "--workspace", "--doc"]).run()
         }
-        Runner::CargoTest => Cmd::cargo()
-            .args(["test", "--workspace", "--no-fail-fast"])
-            .run(),
+        Runner::CargoTest => Cmd::cargo().args(["test", "--workspace", "--no-fail-fast"]).run(),
     }
 }

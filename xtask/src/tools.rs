@@ -33,10 +33,7 @@ pub fn ensure_cargo_tool(subcommand: &str, crate_name: &str) -> Result<()> {
 /// Fail unless rustup already has a nightly toolchain; never downloads one.
 pub fn ensure_nightly() -> Result<()> {
     let list = Cmd::new("rustup").args(["toolchain", "list"]).stdout()?;
-    if list
-        .lines()
-        .any(|line| line.trim_start().starts_with("nightly"))
-    {
+    if list.lines().any(|line| line.trim_start().starts_with("nightly")) {
         return Ok(());
     }
     bail!("no nightly toolchain installed (cargo-fuzz needs one); install it with `rustup toolchain install nightly`")

@@ -52,9 +52,7 @@ pub struct DirtyMap {
 
 impl DirtyMap {
     pub fn new(geometry: Geometry) -> Self {
-        let ranges = (0..geometry.range_count())
-            .map(|r| RangePair::new(geometry.tracks_in_range(r).count()))
-            .collect();
+        let ranges = (0..geometry.range_count()).map(|r| RangePair::new(geometry.tracks_in_range(r).count())).collect();
         DirtyMap { geometry, ranges }
     }
 

@@ -108,7 +108,7 @@ impl Geometry {
         if tracks_per_range == 0 {
             return Err(GeometryError::TracksPerRange(tracks_per_range));
         }
-        if volume_size == 0 || volume_size % u64::from(block_size) != 0 {
+        if volume_size == 0 || !volume_size.is_multiple_of(u64::from(block_size)) {
             return Err(GeometryError::VolumeSize { size: volume_size, block_size });
         }
         let g = Geometry { volume_size, block_size, track_size, tracks_per_range };
@@ -178,7 +178,7 @@ impl Geometry {
         if extent.len == 0 {
             return Err(GeometryError::Empty { offset: extent.offset });
         }
-        if extent.offset % bs != 0 || extent.len % bs != 0 {
+        if !extent.offset.is_multiple_of(bs) || !extent.len.is_multiple_of(bs) {
             return Err(GeometryError::Misaligned {
                 offset: extent.offset,
                 len: extent.len,
@@ -187,11 +187,9 @@ impl Geometry {
         }
         match extent.offset.checked_add(extent.len) {
             Some(end) if end <= self.volume_size => Ok(()),
-            _ => Err(GeometryError::OutOfRange {
-                offset: extent.offset,
-                len: extent.len,
-                volume_size: self.volume_size,
-            }),
+            _ => {
+                Err(GeometryError::OutOfRange { offset: extent.offset, len: extent.len, volume_size: self.volume_size })
+            }
         }
     }
 

@@ -102,10 +102,7 @@ pub fn encode(map: &DirtyMap) -> Vec<u8> {
 pub fn decode(bytes: &[u8]) -> Result<DirtyMap, LayoutError> {
     let have = bytes.len() as u64;
     if bytes.len() < MAGIC.len() {
-        return Err(LayoutError::Truncated {
-            need: MIN_LEN as u64,
-            have,
-        });
+        return Err(LayoutError::Truncated { need: MIN_LEN as u64, have });
     }
     let mut r = Reader { bytes, pos: 0 };
     let found: [u8; 8] = r.array();
@@ -113,10 +110,7 @@ pub fn decode(bytes: &[u8]) -> Result<DirtyMap, LayoutError> {
         return Err(LayoutError::BadMagic { found });
     }
     if bytes.len() < MIN_LEN {
-        return Err(LayoutError::Truncated {
-            need: MIN_LEN as u64,
-            have,
-        });
+        return Err(LayoutError::Truncated { need: MIN_LEN as u64, have });
     }
     let version = r.u16();
     if version != VERSION {
@@ -126,24 +120,16 @@ pub fn decode(bytes: &[u8]) -> Result<DirtyMap, LayoutError> {
     if flags != 0 {
         return Err(LayoutError::UnsupportedFlags(flags));
     }
-    let (volume_size, block_size, track_size, tracks_per_range) =
-        (r.u64(), r.u32(), r.u32(), r.u32());
+    let (volume_size, block_size, track_size, tracks_per_range) = (r.u64(), r.u32(), r.u32(), r.u32());
     let stored_ranges = r.u32();
     // A header that fails to describe a volume is more likely damage than a writer's bug:
     // say so when the checksum agrees.
     let geometry = match Geometry::new(volume_size, block_size, track_size, tracks_per_range) {
         Ok(g) => g,
-        Err(e) => {
-            return Err(tail_checksum(bytes)
-                .err()
-                .unwrap_or(LayoutError::Geometry(e)))
-        }
+        Err(e) => return Err(tail_checksum(bytes).err().unwrap_or(LayoutError::Geometry(e))),
     };
     if stored_ranges != geometry.range_count() {
-        let e = LayoutError::RangeCount {
-            stored: stored_ranges,
-            expected: geometry.range_count(),
-        };
+        let e = LayoutError::RangeCount { stored: stored_ranges, expected: geometry.range_count() };
         return Err(tail_checksum(bytes).err().unwrap_or(e));
     }
     let need = encoded_len(&geometry).unwrap_or(u64::MAX);
@@ -163,10 +149,7 @@ pub fn decode(bytes: &[u8]) -> Result<DirtyMap, LayoutError> {
         let entry: [u8; ENTRY_HEADER_LEN] = r.array();
         let current = entry[0];
         if current > 1 {
-            return Err(LayoutError::BadCurrentIndex {
-                range,
-                index: current,
-            });
+            return Err(LayoutError::BadCurrentIndex { range, index: current });
         }
         if entry[1..].iter().any(|b| *b != 0) {
             return Err(LayoutError::NonzeroPadding { range });
@@ -186,9 +169,7 @@ pub fn encoded_len(g: &Geometry) -> Option<u64> {
     let full_words = (ranges - 1).checked_mul(words(u64::from(g.tracks_per_range())))?;
     let bitmap_bytes = full_words.checked_add(words(last))?.checked_mul(2 * 8)?;
     let entry_bytes = ranges.checked_mul(ENTRY_HEADER_LEN as u64)?;
-    bitmap_bytes
-        .checked_add(entry_bytes)?
-        .checked_add((HEADER_LEN + CRC_LEN) as u64)
+    bitmap_bytes.checked_add(entry_bytes)?.checked_add((HEADER_LEN + CRC_LEN) as u64)
 }
 
 fn tail_checksum(bytes: &[u8]) -> Result<(), LayoutError> {
@@ -210,9 +191,7 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn array<const N: usize>(&mut self) -> [u8; N] {
-        let a = self.bytes[self.pos..self.pos + N]
-            .try_into()
-            .expect("slice of N bytes");
+        let a = self.bytes[self.pos..self.pos + N].try_into().expect("slice of N bytes");
         self.pos += N;
         a
     }
@@ -299,30 +278,16 @@ mod tests {
     #[test]
     fn errors_are_precise() {
         let good = encode(&tiny());
-        assert_eq!(
-            decode(&good[..3]),
-            Err(LayoutError::Truncated { need: 40, have: 3 })
-        );
-        assert_eq!(
-            decode(&good[..20]),
-            Err(LayoutError::Truncated { need: 40, have: 20 })
-        );
-        assert_eq!(
-            decode(&good[..good.len() - 1]),
-            Err(LayoutError::Truncated { need: 88, have: 87 })
-        );
+        assert_eq!(decode(&good[..3]), Err(LayoutError::Truncated { need: 40, have: 3 }));
+        assert_eq!(decode(&good[..20]), Err(LayoutError::Truncated { need: 40, have: 20 }));
+        assert_eq!(decode(&good[..good.len() - 1]), Err(LayoutError::Truncated { need: 88, have: 87 }));
         let mut long = good.clone();
         long.push(0);
-        assert_eq!(
-            decode(&long),
-            Err(LayoutError::TrailingBytes { need: 88, have: 89 })
-        );
+        assert_eq!(decode(&long), Err(LayoutError::TrailingBytes { need: 88, have: 89 }));
 
         let mut b = good.clone();
         b[0] = b'X';
-        assert!(
-            matches!(decode(&b), Err(LayoutError::BadMagic { found }) if &found == b"XNDMBMAP")
-        );
+        assert!(matches!(decode(&b), Err(LayoutError::BadMagic { found }) if &found == b"XNDMBMAP"));
 
         let mut b = good.clone();
         b[8] = 2;
@@ -336,45 +301,27 @@ mod tests {
         b[45] ^= 0x80;
         let stored = u32::from_le_bytes(good[84..].try_into().unwrap());
         let computed = crc32c::crc32c(&b[..84]);
-        assert_eq!(
-            decode(&b),
-            Err(LayoutError::ChecksumMismatch { stored, computed })
-        );
+        assert_eq!(decode(&b), Err(LayoutError::ChecksumMismatch { stored, computed }));
 
         // Behind a valid checksum: what a buggy writer could produce.
         let mut b = good.clone();
         b[21] = 0; // block size 512 -> 0
         reseal(&mut b);
-        assert_eq!(
-            decode(&b),
-            Err(LayoutError::Geometry(GeometryError::BlockSize(0)))
-        );
+        assert_eq!(decode(&b), Err(LayoutError::Geometry(GeometryError::BlockSize(0))));
         // The same damage without a valid checksum is reported as damage.
         let mut b = good.clone();
         b[21] = 0;
-        assert!(matches!(
-            decode(&b),
-            Err(LayoutError::ChecksumMismatch { .. })
-        ));
+        assert!(matches!(decode(&b), Err(LayoutError::ChecksumMismatch { .. })));
 
         let mut b = good.clone();
         b[32] = 3;
         reseal(&mut b);
-        assert_eq!(
-            decode(&b),
-            Err(LayoutError::RangeCount {
-                stored: 3,
-                expected: 2
-            })
-        );
+        assert_eq!(decode(&b), Err(LayoutError::RangeCount { stored: 3, expected: 2 }));
 
         let mut b = good.clone();
         b[60] = 2; // range 1's current index
         reseal(&mut b);
-        assert_eq!(
-            decode(&b),
-            Err(LayoutError::BadCurrentIndex { range: 1, index: 2 })
-        );
+        assert_eq!(decode(&b), Err(LayoutError::BadCurrentIndex { range: 1, index: 2 }));
 
         let mut b = good.clone();
         b[37] = 1; // range 0's entry padding
@@ -425,19 +372,13 @@ mod tests {
     }
 
     fn geometry() -> impl Strategy<Value = Geometry> {
-        (
-            prop_oneof![Just(512u32), Just(4096u32)],
-            12u32..=22,
-            1u32..=200,
-            1u64..=600,
-            0u64..8,
-        )
-            .prop_map(|(block, shift, tpr, tracks, tail_blocks)| {
+        (prop_oneof![Just(512u32), Just(4096u32)], 12u32..=22, 1u32..=200, 1u64..=600, 0u64..8).prop_map(
+            |(block, shift, tpr, tracks, tail_blocks)| {
                 // A short last track sometimes, to cover ranges that are not multiples of 64.
-                let size =
-                    (tracks * (1u64 << shift)).saturating_sub(tail_blocks * u64::from(block));
+                let size = (tracks * (1u64 << shift)).saturating_sub(tail_blocks * u64::from(block));
                 Geometry::new(size.max(u64::from(block)), block, 1 << shift, tpr).unwrap()
-            })
+            },
+        )
     }
 
     fn map() -> impl Strategy<Value = DirtyMap> {

@@ -8,8 +8,8 @@
 
 pub mod bitmap;
 pub mod geometry;
-pub mod node;
 pub mod layout;
+pub mod node;
 pub mod toggle;
 pub mod types;
 pub mod wire;

@@ -17,7 +17,13 @@ pub struct Truth {
 
 impl Truth {
     pub fn new(blocks: usize) -> Self {
-        Truth { history: vec![vec![0]; blocks], acked: vec![0; blocks], writes: HashMap::new(), issued: 0, acknowledged: 0 }
+        Truth {
+            history: vec![vec![0]; blocks],
+            acked: vec![0; blocks],
+            writes: HashMap::new(),
+            issued: 0,
+            acknowledged: 0,
+        }
     }
 
     pub fn issue(&mut self, host_id: u64, value: Value, extent: Extent) {
@@ -50,7 +56,11 @@ impl Truth {
             let h = &self.history[b];
             let ok = h[self.acked[b]..].contains(v);
             if !ok {
-                lost.push(format!("block {b}: holds {v}, acknowledged {} (history {:?})", h[self.acked[b]], &h[h.len().saturating_sub(6)..]));
+                lost.push(format!(
+                    "block {b}: holds {v}, acknowledged {} (history {:?})",
+                    h[self.acked[b]],
+                    &h[h.len().saturating_sub(6)..]
+                ));
             }
         }
         lost

@@ -107,7 +107,11 @@ impl Node {
     pub(super) fn peer_connected(&mut self, peer: NodeId) {
         let Some(p) = self.peers.get(&peer) else { return };
         if p.conn == ConnState::StandAlone || self.meta.disk == DiskState::Failed {
-            let reason = if self.meta.disk == DiskState::Failed { Refusal::DiskFailed } else { Refusal::Protocol("stand-alone until reconnected by the operator".into()) };
+            let reason = if self.meta.disk == DiskState::Failed {
+                Refusal::DiskFailed
+            } else {
+                Refusal::Protocol("stand-alone until reconnected by the operator".into())
+            };
             self.emit(super::Action::Disconnect { peer, reason, stand_alone: true });
             return;
         }
@@ -166,7 +170,10 @@ impl Node {
         }
         let len = g.tracks_in_range(range).count();
         if bits.len() != len.div_ceil(8) {
-            return self.protocol_error(peer, format!("RecordPage for range {range}: {} bytes, expected {}", bits.len(), len.div_ceil(8)));
+            return self.protocol_error(
+                peer,
+                format!("RecordPage for range {range}: {} bytes, expected {}", bits.len(), len.div_ceil(8)),
+            );
         }
         let mut page = Bits::from_iter((0..len).map(|i| bits[i / 8] & (1 << (i % 8)) != 0));
         page.truncate(len);
@@ -183,7 +190,8 @@ impl Node {
             return self.protocol_error(peer, "RecordEnd before State".into());
         };
         if hs.record.count() != tracks {
-            return self.protocol_error(peer, format!("record announced {tracks} tracks, pages held {}", hs.record.count()));
+            return self
+                .protocol_error(peer, format!("record announced {tracks} tracks, pages held {}", hs.record.count()));
         }
         let ours = self.state_report();
         let plan = match decide(&ours, &theirs) {

@@ -68,7 +68,9 @@ impl HostState {
     pub fn waiting_for_receipt(&self, extent: Extent) -> BTreeSet<HostIoId> {
         self.writes
             .iter()
-            .filter(|(_, w)| w.local == Local::Waiting && w.extent.offset < extent.end() && extent.offset < w.extent.end())
+            .filter(|(_, w)| {
+                w.local == Local::Waiting && w.extent.offset < extent.end() && extent.offset < w.extent.end()
+            })
             .map(|(&id, _)| id)
             .collect()
     }
@@ -169,7 +171,8 @@ impl Node {
             return;
         }
         w.local = Local::Admitted;
-        let (extent, payload, fua, after) = (w.extent, w.payload.take().expect("payload"), w.need_hardened, w.after_meta);
+        let (extent, payload, fua, after) =
+            (w.extent, w.payload.take().expect("payload"), w.need_hardened, w.after_meta);
         self.admit_write(extent, payload, fua, after, WriteFor::Host(id));
     }
 

@@ -16,9 +16,16 @@ use std::collections::BTreeMap;
 pub(super) enum WriteFor {
     Host(HostIoId),
     /// Data replicated from `peer`.
-    Replica { peer: NodeId, id: WriteId, fua: bool },
+    Replica {
+        peer: NodeId,
+        id: WriteId,
+        fua: bool,
+    },
     /// A resync copy of `track` from `peer`.
-    Resync { peer: NodeId, track: TrackId },
+    Resync {
+        peer: NodeId,
+        track: TrackId,
+    },
     /// Its connection is gone: the write still lands, but answers nobody.
     Orphan,
 }
@@ -33,7 +40,10 @@ pub(super) enum OtherFor {
 pub(super) enum HardenFor {
     Scan(RangeId),
     HostFlush(HostIoId),
-    ReplicaFlush { peer: NodeId, id: u64 },
+    ReplicaFlush {
+        peer: NodeId,
+        id: u64,
+    },
     HostWrite(HostIoId),
     /// Hardening everything after losing a peer in `memory` mode.
     Degraded,

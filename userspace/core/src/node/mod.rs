@@ -16,7 +16,10 @@ mod local;
 mod meta;
 mod replica;
 mod resync;
+#[cfg(test)]
+mod tests;
 
+pub use connect::{decide, Plan};
 pub use meta::Meta;
 
 use crate::bitmap::DirtyMap;
@@ -56,7 +59,10 @@ pub enum Payload {
     Data(Bytes),
     /// Zeroes of this length; `discard` says the host discarded rather than wrote zeroes (the
     /// store may punch a hole, but must read back zeroes so replicas stay identical).
-    Zeroes { len: u64, discard: bool },
+    Zeroes {
+        len: u64,
+        discard: bool,
+    },
 }
 
 impl Payload {
@@ -88,31 +94,81 @@ pub enum Timer {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    HostWrite { id: HostIoId, offset: u64, data: Bytes, fua: bool },
-    HostDiscard { id: HostIoId, offset: u64, len: u64, zeroes: bool },
-    HostFlush { id: HostIoId },
+    HostWrite {
+        id: HostIoId,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
+    HostDiscard {
+        id: HostIoId,
+        offset: u64,
+        len: u64,
+        zeroes: bool,
+    },
+    HostFlush {
+        id: HostIoId,
+    },
     /// The transport to `peer` is up and authenticated.
-    PeerConnected { peer: NodeId },
+    PeerConnected {
+        peer: NodeId,
+    },
     /// The transport to `peer` failed or timed out.
-    PeerLost { peer: NodeId },
-    Received { peer: NodeId, msg: Message },
+    PeerLost {
+        peer: NodeId,
+    },
+    Received {
+        peer: NodeId,
+        msg: Message,
+    },
     /// A local I/O finished; reads carry their data.
-    IoDone { io: IoId, result: Result<Option<Bytes>, IoError> },
+    IoDone {
+        io: IoId,
+        result: Result<Option<Bytes>, IoError>,
+    },
     Timer(Timer),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    WriteLocal { io: IoId, offset: u64, payload: Payload, fua: bool },
-    ReadLocal { io: IoId, offset: u64, len: u64 },
-    Harden { io: IoId, scope: HardenScope },
+    WriteLocal {
+        io: IoId,
+        offset: u64,
+        payload: Payload,
+        fua: bool,
+    },
+    ReadLocal {
+        io: IoId,
+        offset: u64,
+        len: u64,
+    },
+    Harden {
+        io: IoId,
+        scope: HardenScope,
+    },
     /// Write the metadata durably; at most one is in flight.
-    PersistMeta { io: IoId, meta: Meta },
-    Send { peer: NodeId, msg: Message },
-    CompleteHost { id: HostIoId, result: Result<(), HostError> },
-    SetTimer { timer: Timer, at: u64 },
+    PersistMeta {
+        io: IoId,
+        meta: Meta,
+    },
+    Send {
+        peer: NodeId,
+        msg: Message,
+    },
+    CompleteHost {
+        id: HostIoId,
+        result: Result<(), HostError>,
+    },
+    SetTimer {
+        timer: Timer,
+        at: u64,
+    },
     /// Drop the connection to `peer`; with `stand_alone` do not reconnect until told.
-    Disconnect { peer: NodeId, reason: Refusal, stand_alone: bool },
+    Disconnect {
+        peer: NodeId,
+        reason: Refusal,
+        stand_alone: bool,
+    },
 }
 
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
@@ -541,9 +597,13 @@ impl Node {
             Message::Data { id, offset, fua, payload } => {
                 self.on_replica_write(peer, id, Extent::new(offset, payload.len() as u64), Payload::Data(payload), fua)
             }
-            Message::Discard { id, offset, len, zeroes } => {
-                self.on_replica_write(peer, id, Extent::new(offset, len), Payload::Zeroes { len, discard: !zeroes }, false)
-            }
+            Message::Discard { id, offset, len, zeroes } => self.on_replica_write(
+                peer,
+                id,
+                Extent::new(offset, len),
+                Payload::Zeroes { len, discard: !zeroes },
+                false,
+            ),
             Message::ReceiptAck { id } => self.on_receipt_ack(peer, id),
             Message::HardenedAck { id } => self.on_hardened_ack(peer, id),
             Message::Flush { id } => self.on_replica_flush(peer, id),

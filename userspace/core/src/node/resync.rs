@@ -73,7 +73,8 @@ impl Node {
         let window = self.cfg.resync_window;
         let mut reads = Vec::new();
         let finished = {
-            let Some(Resync::Source { todo, reading, awaiting, .. }) = &mut self.peers.get_mut(&peer).expect("peer").resync
+            let Some(Resync::Source { todo, reading, awaiting, .. }) =
+                &mut self.peers.get_mut(&peer).expect("peer").resync
             else {
                 return;
             };
@@ -157,7 +158,10 @@ impl Node {
         let extent = match self.cfg.geometry.track_extent(track) {
             Ok(e) if e.len == payload.len() as u64 => e,
             Ok(e) => {
-                return self.protocol_error(peer, format!("ResyncData for track {track}: {} bytes, expected {}", payload.len(), e.len))
+                return self.protocol_error(
+                    peer,
+                    format!("ResyncData for track {track}: {} bytes, expected {}", payload.len(), e.len),
+                )
             }
             Err(e) => return self.protocol_error(peer, format!("ResyncData: {e}")),
         };

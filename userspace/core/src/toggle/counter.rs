@@ -34,9 +34,7 @@ pub struct Recorder {
 
 impl Recorder {
     pub fn new(range: RangeId) -> Self {
-        Recorder {
-            toggle: RecordToggle::new(range),
-        }
+        Recorder { toggle: RecordToggle::new(range) }
     }
 
     pub fn range(&self) -> RangeId {
@@ -50,11 +48,7 @@ impl Recorder {
     }
 
     /// Handles `ToggleNotice` (answered with `ToggleAck`) and `ClearOld`.
-    pub fn on_message(
-        &mut self,
-        record: &mut DirtyMap,
-        msg: ToggleMsg,
-    ) -> Result<Option<ToggleMsg>, ToggleError> {
+    pub fn on_message(&mut self, record: &mut DirtyMap, msg: ToggleMsg) -> Result<Option<ToggleMsg>, ToggleError> {
         check_range(self.range(), msg)?;
         match msg {
             ToggleMsg::ToggleNotice { range } => {
@@ -106,10 +100,7 @@ impl Hardener {
 
     #[cfg(test)]
     fn with_flaw(geometry: &Geometry, range: RangeId, flaw: Flaw) -> Self {
-        Hardener {
-            flaws: Flaws(Some(flaw)),
-            ..Hardener::new(geometry, range)
-        }
+        Hardener { flaws: Flaws(Some(flaw)), ..Hardener::new(geometry, range) }
     }
 
     pub fn range(&self) -> RangeId {
@@ -128,9 +119,7 @@ impl Hardener {
 
     /// The tracks this range's cache holds unhardened: the ones to harden.
     pub fn unhardened(&self) -> impl Iterator<Item = TrackId> + '_ {
-        self.mirror
-            .tracks(self.mirror.old())
-            .chain(self.mirror.tracks(self.mirror.current()))
+        self.mirror.tracks(self.mirror.old()).chain(self.mirror.tracks(self.mirror.current()))
     }
 
     /// A write's data entered the cache. The message it may return (`ClearOld`) must go out
@@ -191,9 +180,7 @@ impl Hardener {
                 self.phase = Phase::Draining;
                 Ok(self.clear_old_if_drained())
             }
-            (ToggleMsg::ToggleAck { .. }, _) => {
-                Err(ToggleError::unexpected(msg, "no toggle notice is waiting"))
-            }
+            (ToggleMsg::ToggleAck { .. }, _) => Err(ToggleError::unexpected(msg, "no toggle notice is waiting")),
             _ => Err(ToggleError::unexpected(msg, "running the counter method")),
         }
     }
@@ -242,12 +229,7 @@ mod tests {
                 Some(f) => Hardener::with_flaw(&setup.geometry, setup.range, f),
             };
             let recorder = Recorder::new(setup.range);
-            Counter {
-                record: DirtyMap::new(setup.geometry),
-                recorder,
-                hardener,
-                flawed: flaw.is_some(),
-            }
+            Counter { record: DirtyMap::new(setup.geometry), recorder, hardener, flawed: flaw.is_some() }
         }
     }
 
@@ -268,11 +250,7 @@ mod tests {
             self.recorder.on_message(&mut self.record, msg)
         }
 
-        fn to_hardener(
-            &mut self,
-            msg: ToggleMsg,
-            _: &BTreeSet<TrackId>,
-        ) -> Result<Option<ToggleMsg>, ToggleError> {
+        fn to_hardener(&mut self, msg: ToggleMsg, _: &BTreeSet<TrackId>) -> Result<Option<ToggleMsg>, ToggleError> {
             self.hardener.on_message(msg)
         }
 
@@ -301,19 +279,11 @@ mod tests {
             let h = &self.hardener;
             let mirrored: BTreeSet<TrackId> = h.unhardened().collect();
             if &mirrored != unhardened {
-                return Err(format!(
-                    "mirror {mirrored:?} is not the cache's unhardened {unhardened:?}"
-                ));
+                return Err(format!("mirror {mirrored:?} is not the cache's unhardened {unhardened:?}"));
             }
-            let (n, m) = (
-                h.mirror.current().count_ones() as u64,
-                h.mirror.old().count_ones() as u64,
-            );
+            let (n, m) = (h.mirror.current().count_ones() as u64, h.mirror.old().count_ones() as u64);
             if (h.n, h.m) != (n, m) {
-                return Err(format!(
-                    "counters N={} M={} but the mirror holds {n} new and {m} old",
-                    h.n, h.m
-                ));
+                return Err(format!("counters N={} M={} but the mirror holds {n} new and {m} old", h.n, h.m));
             }
             Ok(())
         }
@@ -330,17 +300,14 @@ mod tests {
 
     #[test]
     fn the_checks_catch_the_literal_reading_of_the_seed() {
-        let failure =
-            model::find_failure(|setup| Counter::new(setup, Some(Flaw::DecrementKeepsOldBit)));
-        let failure =
-            failure.expect("the model did not catch M decremented twice for one old track");
+        let failure = model::find_failure(|setup| Counter::new(setup, Some(Flaw::DecrementKeepsOldBit)));
+        let failure = failure.expect("the model did not catch M decremented twice for one old track");
         assert!(failure.contains("record misses"), "{failure}");
     }
 
     #[test]
     fn the_checks_catch_a_mirror_toggled_on_notice() {
-        let failure =
-            model::find_failure(|setup| Counter::new(setup, Some(Flaw::MirrorTogglesOnNotice)));
+        let failure = model::find_failure(|setup| Counter::new(setup, Some(Flaw::MirrorTogglesOnNotice)));
         let failure = failure.expect("the model did not catch a mirror toggled before the ack");
         assert!(failure.contains("record misses"), "{failure}");
     }
@@ -358,11 +325,7 @@ mod tests {
         assert_eq!((h.new_count(), h.old_count()), (2, 0));
         assert_eq!(h.start(), Some(ToggleMsg::ToggleNotice { range: 0 }));
         assert_eq!(h.start(), None);
-        assert_eq!(
-            h.on_write(4),
-            None,
-            "before the ack, writes still go to the bitmap becoming old"
-        );
+        assert_eq!(h.on_write(4), None, "before the ack, writes still go to the bitmap becoming old");
         assert_eq!(h.on_message(ToggleMsg::ToggleAck { range: 0 }), Ok(None));
         assert_eq!((h.new_count(), h.old_count()), (0, 3));
         assert_eq!(h.on_write(1), None, "an old track written again leaves M");
@@ -377,10 +340,7 @@ mod tests {
         assert_eq!(h.unhardened().collect::<Vec<_>>(), vec![1]);
         assert_eq!(h.start(), Some(ToggleMsg::ToggleNotice { range: 0 }));
         assert_eq!(h.harden_track(1), None);
-        assert_eq!(
-            h.on_message(ToggleMsg::ToggleAck { range: 0 }),
-            Ok(Some(ToggleMsg::ClearOld { range: 0 }))
-        );
+        assert_eq!(h.on_message(ToggleMsg::ToggleAck { range: 0 }), Ok(Some(ToggleMsg::ClearOld { range: 0 })));
     }
 
     #[test]
@@ -390,10 +350,7 @@ mod tests {
         let mut r = Recorder::new(1);
         r.on_write(&mut record, 5);
         let notice = ToggleMsg::ToggleNotice { range: 1 };
-        assert_eq!(
-            r.on_message(&mut record, notice),
-            Ok(Some(ToggleMsg::ToggleAck { range: 1 }))
-        );
+        assert_eq!(r.on_message(&mut record, notice), Ok(Some(ToggleMsg::ToggleAck { range: 1 })));
         r.on_write(&mut record, 6);
         assert!(matches!(
             r.on_message(&mut record, ToggleMsg::DestageDone { range: 1 }),
@@ -404,10 +361,7 @@ mod tests {
             Err(ToggleError::WrongRange { .. })
         ));
         assert_eq!(record.union_tracks().collect::<Vec<_>>(), vec![5, 6]);
-        assert_eq!(
-            r.on_message(&mut record, ToggleMsg::ClearOld { range: 1 }),
-            Ok(None)
-        );
+        assert_eq!(r.on_message(&mut record, ToggleMsg::ClearOld { range: 1 }), Ok(None));
         assert_eq!(record.union_tracks().collect::<Vec<_>>(), vec![6]);
     }
 }

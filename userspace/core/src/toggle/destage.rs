@@ -19,18 +19,12 @@ pub struct Recorder {
 
 impl Recorder {
     pub fn new(range: RangeId) -> Self {
-        Recorder {
-            toggle: RecordToggle::new(range),
-            flaws: Flaws::default(),
-        }
+        Recorder { toggle: RecordToggle::new(range), flaws: Flaws::default() }
     }
 
     #[cfg(test)]
     fn with_flaw(range: RangeId, flaw: Flaw) -> Self {
-        Recorder {
-            toggle: RecordToggle::new(range),
-            flaws: Flaws(Some(flaw)),
-        }
+        Recorder { toggle: RecordToggle::new(range), flaws: Flaws(Some(flaw)) }
     }
 
     pub fn range(&self) -> RangeId {
@@ -44,11 +38,7 @@ impl Recorder {
     }
 
     /// Handles `DestageStart` (answered with `DestageAck`) and `DestageDone`.
-    pub fn on_message(
-        &mut self,
-        record: &mut DirtyMap,
-        msg: ToggleMsg,
-    ) -> Result<Option<ToggleMsg>, ToggleError> {
+    pub fn on_message(&mut self, record: &mut DirtyMap, msg: ToggleMsg) -> Result<Option<ToggleMsg>, ToggleError> {
         check_range(self.range(), msg)?;
         match msg {
             ToggleMsg::DestageStart { range } => {
@@ -62,10 +52,7 @@ impl Recorder {
                 self.toggle.clear_old(record, msg)?;
                 Ok(None)
             }
-            _ => Err(ToggleError::unexpected(
-                msg,
-                "running the destage scan method",
-            )),
+            _ => Err(ToggleError::unexpected(msg, "running the destage scan method")),
         }
     }
 }
@@ -88,10 +75,7 @@ pub struct Hardener {
 
 impl Hardener {
     pub fn new(range: RangeId) -> Self {
-        Hardener {
-            range,
-            phase: Phase::Idle,
-        }
+        Hardener { range, phase: Phase::Idle }
     }
 
     pub fn range(&self) -> RangeId {
@@ -117,13 +101,8 @@ impl Hardener {
                 self.phase = Phase::Scanning;
                 Ok(None)
             }
-            (ToggleMsg::DestageAck { .. }, _) => {
-                Err(ToggleError::unexpected(msg, "no destage start is waiting"))
-            }
-            _ => Err(ToggleError::unexpected(
-                msg,
-                "running the destage scan method",
-            )),
+            (ToggleMsg::DestageAck { .. }, _) => Err(ToggleError::unexpected(msg, "no destage start is waiting")),
+            _ => Err(ToggleError::unexpected(msg, "running the destage scan method")),
         }
     }
 
@@ -239,10 +218,7 @@ mod tests {
     #[test]
     fn the_checks_catch_a_recorder_that_clears_on_start() {
         let failure = model::find_failure(|setup| Destage::new(setup, true));
-        assert!(
-            failure.is_some(),
-            "the model did not catch a recorder clearing old on DestageStart"
-        );
+        assert!(failure.is_some(), "the model did not catch a recorder clearing old on DestageStart");
     }
 
     #[test]
@@ -251,23 +227,13 @@ mod tests {
         assert_eq!(h.harden_range(), None);
         assert_eq!(h.start(), Some(ToggleMsg::DestageStart { range: 2 }));
         assert_eq!(h.start(), None);
-        assert_eq!(
-            h.harden_range(),
-            None,
-            "hardening before the ack proves nothing"
-        );
+        assert_eq!(h.harden_range(), None, "hardening before the ack proves nothing");
         assert_eq!(h.on_message(ToggleMsg::DestageAck { range: 2 }), Ok(None));
         assert!(h.is_scanning());
-        assert!(matches!(
-            h.on_message(ToggleMsg::DestageAck { range: 2 }),
-            Err(ToggleError::Unexpected { .. })
-        ));
+        assert!(matches!(h.on_message(ToggleMsg::DestageAck { range: 2 }), Err(ToggleError::Unexpected { .. })));
         assert_eq!(h.harden_range(), Some(ToggleMsg::DestageDone { range: 2 }));
         assert!(!h.is_scanning());
-        assert!(matches!(
-            h.on_message(ToggleMsg::DestageAck { range: 3 }),
-            Err(ToggleError::WrongRange { .. })
-        ));
+        assert!(matches!(h.on_message(ToggleMsg::DestageAck { range: 3 }), Err(ToggleError::WrongRange { .. })));
     }
 
     #[test]
@@ -277,14 +243,8 @@ mod tests {
         r.on_write(&mut record, 5);
         record.toggle(1);
         let done = ToggleMsg::DestageDone { range: 1 };
-        assert!(matches!(
-            r.on_message(&mut record, done),
-            Err(ToggleError::Unexpected { .. })
-        ));
-        assert!(
-            record.is_marked_old(5),
-            "a stray done must not clear the record"
-        );
+        assert!(matches!(r.on_message(&mut record, done), Err(ToggleError::Unexpected { .. })));
+        assert!(record.is_marked_old(5), "a stray done must not clear the record");
         assert!(matches!(
             r.on_message(&mut record, ToggleMsg::ClearOld { range: 1 }),
             Err(ToggleError::Unexpected { .. })

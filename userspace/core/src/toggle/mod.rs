@@ -106,36 +106,20 @@ impl From<ToggleMsg> for Message {
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum ToggleError {
     #[error("{msg} for range {got} reached the toggle machine of range {expected}")]
-    WrongRange {
-        msg: &'static str,
-        expected: RangeId,
-        got: RangeId,
-    },
+    WrongRange { msg: &'static str, expected: RangeId, got: RangeId },
     #[error("{msg} for range {range} is not expected while {state}")]
-    Unexpected {
-        msg: &'static str,
-        range: RangeId,
-        state: &'static str,
-    },
+    Unexpected { msg: &'static str, range: RangeId, state: &'static str },
 }
 
 impl ToggleError {
     fn unexpected(msg: ToggleMsg, state: &'static str) -> Self {
-        ToggleError::Unexpected {
-            msg: msg.name(),
-            range: msg.range(),
-            state,
-        }
+        ToggleError::Unexpected { msg: msg.name(), range: msg.range(), state }
     }
 }
 
 fn check_range(expected: RangeId, msg: ToggleMsg) -> Result<(), ToggleError> {
     if msg.range() != expected {
-        return Err(ToggleError::WrongRange {
-            msg: msg.name(),
-            expected,
-            got: msg.range(),
-        });
+        return Err(ToggleError::WrongRange { msg: msg.name(), expected, got: msg.range() });
     }
     Ok(())
 }
@@ -182,18 +166,11 @@ struct RecordToggle {
 
 impl RecordToggle {
     fn new(range: RangeId) -> Self {
-        RecordToggle {
-            range,
-            old_pending: false,
-        }
+        RecordToggle { range, old_pending: false }
     }
 
     fn mark(&self, record: &mut DirtyMap, track: TrackId) {
-        debug_assert_eq!(
-            record.geometry().range_of(track),
-            self.range,
-            "track {track} is not in this range"
-        );
+        debug_assert_eq!(record.geometry().range_of(track), self.range, "track {track} is not in this range");
         record.mark(track);
     }
 
@@ -206,10 +183,7 @@ impl RecordToggle {
 
     fn clear_old(&mut self, record: &mut DirtyMap, msg: ToggleMsg) -> Result<(), ToggleError> {
         if !self.old_pending {
-            return Err(ToggleError::unexpected(
-                msg,
-                "no toggle is waiting for a clear",
-            ));
+            return Err(ToggleError::unexpected(msg, "no toggle is waiting for a clear"));
         }
         record.clear_old(self.range);
         self.old_pending = false;
@@ -230,11 +204,7 @@ impl Mirror {
     fn new(geometry: &Geometry, range: RangeId) -> Self {
         let tracks = geometry.tracks_in_range(range);
         let empty = Bits::repeat(false, (tracks.end - tracks.start) as usize);
-        Mirror {
-            first: tracks.start,
-            bits: [empty.clone(), empty],
-            current: 0,
-        }
+        Mirror { first: tracks.start, bits: [empty.clone(), empty], current: 0 }
     }
 
     fn index(&self, track: TrackId) -> usize {

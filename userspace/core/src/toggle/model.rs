@@ -37,11 +37,8 @@ pub(crate) trait Pair {
     fn cache_write(&mut self, track: TrackId) -> Option<ToggleMsg>;
     fn to_recorder(&mut self, msg: ToggleMsg) -> Result<Option<ToggleMsg>, ToggleError>;
     /// `unhardened` is the cache's content, for methods whose scan depends on it.
-    fn to_hardener(
-        &mut self,
-        msg: ToggleMsg,
-        unhardened: &BTreeSet<TrackId>,
-    ) -> Result<Option<ToggleMsg>, ToggleError>;
+    fn to_hardener(&mut self, msg: ToggleMsg, unhardened: &BTreeSet<TrackId>)
+        -> Result<Option<ToggleMsg>, ToggleError>;
     fn start(&mut self) -> Option<ToggleMsg>;
     /// The hardener's cache hardened a track, by a scan or on its own initiative.
     fn hardened(&mut self, track: TrackId) -> Option<ToggleMsg>;
@@ -82,31 +79,15 @@ pub(crate) enum Op {
 }
 
 pub(crate) fn scenario() -> impl Strategy<Value = (Setup, Vec<Op>)> {
-    let setup = (
-        1u32..=6,
-        1u64..=3,
-        any::<prop::sample::Index>(),
-        any::<bool>(),
-        any::<bool>(),
-    )
-        .prop_map(
-            |(tracks_per_range, ranges, pick, short_last, from_recorder)| {
-                let tracks = u64::from(tracks_per_range) * ranges
-                    - u64::from(short_last && tracks_per_range > 1);
-                let geometry = Geometry::new(tracks * 4096, 4096, 4096, tracks_per_range).unwrap();
-                let range = pick.index(geometry.range_count() as usize) as RangeId;
-                let origin = if from_recorder {
-                    Origin::Recorder
-                } else {
-                    Origin::Hardener
-                };
-                Setup {
-                    geometry,
-                    range,
-                    origin,
-                }
-            },
-        );
+    let setup = (1u32..=6, 1u64..=3, any::<prop::sample::Index>(), any::<bool>(), any::<bool>()).prop_map(
+        |(tracks_per_range, ranges, pick, short_last, from_recorder)| {
+            let tracks = u64::from(tracks_per_range) * ranges - u64::from(short_last && tracks_per_range > 1);
+            let geometry = Geometry::new(tracks * 4096, 4096, 4096, tracks_per_range).unwrap();
+            let range = pick.index(geometry.range_count() as usize) as RangeId;
+            let origin = if from_recorder { Origin::Recorder } else { Origin::Hardener };
+            Setup { geometry, range, origin }
+        },
+    );
     let op = prop_oneof![
         4 => any::<u8>().prop_map(Op::Write),
         4 => Just(Op::ToHardener),
@@ -165,10 +146,7 @@ impl<P: Pair> World<P> {
                     self.send_to_recorder(out);
                 }
                 Some(Frame::Msg(msg)) => {
-                    let out = self
-                        .pair
-                        .to_hardener(msg, &self.unhardened)
-                        .map_err(|e| e.to_string())?;
+                    let out = self.pair.to_hardener(msg, &self.unhardened).map_err(|e| e.to_string())?;
                     self.send_to_recorder(out);
                 }
                 None => {}
@@ -189,11 +167,7 @@ impl<P: Pair> World<P> {
             },
             Op::Harden(n) => {
                 if !self.unhardened.is_empty() {
-                    let track = *self
-                        .unhardened
-                        .iter()
-                        .nth(usize::from(n) % self.unhardened.len())
-                        .unwrap();
+                    let track = *self.unhardened.iter().nth(usize::from(n) % self.unhardened.len()).unwrap();
                     self.harden(track);
                 }
             }
@@ -226,11 +200,7 @@ impl<P: Pair> World<P> {
 
     fn check(&self) -> Result<(), String> {
         let record = self.pair.record();
-        let missed: Vec<_> = self
-            .acknowledged
-            .iter()
-            .filter(|t| !record.is_marked(**t))
-            .collect();
+        let missed: Vec<_> = self.acknowledged.iter().filter(|t| !record.is_marked(**t)).collect();
         if !missed.is_empty() {
             return Err(format!("record misses unhardened tracks {missed:?}"));
         }
@@ -268,43 +238,24 @@ pub(crate) fn check<P: Pair>(pair: P, setup: &Setup, ops: &[Op]) -> Result<(), T
         acknowledged: BTreeSet::new(),
     };
     for (i, op) in ops.iter().enumerate() {
-        world
-            .step(*op)
-            .map_err(|e| TestCaseError::fail(format!("after step {i} ({op:?}): {e}")))?;
+        world.step(*op).map_err(|e| TestCaseError::fail(format!("after step {i} ({op:?}): {e}")))?;
     }
-    world
-        .quiesce()
-        .map_err(|e| TestCaseError::fail(format!("while quiescing: {e}")))?;
+    world.quiesce().map_err(|e| TestCaseError::fail(format!("while quiescing: {e}")))?;
     let start = world.pair.start();
     prop_assert!(start.is_some(), "a quiet hardener refuses to start a cycle");
     world.send_to_recorder(start);
-    world
-        .quiesce()
-        .map_err(|e| TestCaseError::fail(format!("during the last cycle: {e}")))?;
+    world.quiesce().map_err(|e| TestCaseError::fail(format!("during the last cycle: {e}")))?;
     let left = world.pair.record().range_count(setup.range);
-    prop_assert_eq!(
-        left,
-        0,
-        "the record still holds {} tracks after a full cycle",
-        left
-    );
+    prop_assert_eq!(left, 0, "the record still holds {} tracks after a full cycle", left);
     Ok(())
 }
 
 /// Runs [`check`] on machines from `make` over a fixed-seed sample of schedules; the failure
 /// found, if any. Proves that a deliberately broken method fails the property.
 pub(crate) fn find_failure<P: Pair>(make: impl Fn(&Setup) -> P) -> Option<String> {
-    let config = Config {
-        cases: 2000,
-        failure_persistence: None,
-        max_shrink_iters: 200,
-        ..Config::default()
-    };
-    let mut runner =
-        TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha));
-    match runner.run(&scenario(), |(setup, ops)| {
-        check(make(&setup), &setup, &ops)
-    }) {
+    let config = Config { cases: 2000, failure_persistence: None, max_shrink_iters: 200, ..Config::default() };
+    let mut runner = TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha));
+    match runner.run(&scenario(), |(setup, ops)| check(make(&setup), &setup, &ops)) {
         Ok(()) => None,
         Err(TestError::Fail(why, (setup, ops))) => Some(format!("{why}\n{setup:?}\n{ops:?}")),
         Err(TestError::Abort(why)) => panic!("the model aborted: {why}"),

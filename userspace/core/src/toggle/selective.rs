@@ -40,22 +40,12 @@ impl Hardener {
     pub fn new(geometry: &Geometry, range: RangeId) -> Self {
         let mirror = Mirror::new(geometry, range);
         let empty = Bits::repeat(false, mirror.current().len());
-        Hardener {
-            range,
-            mirror,
-            cached: empty.clone(),
-            pending: empty,
-            phase: Phase::Idle,
-            flaws: Flaws::default(),
-        }
+        Hardener { range, mirror, cached: empty.clone(), pending: empty, phase: Phase::Idle, flaws: Flaws::default() }
     }
 
     #[cfg(test)]
     fn with_flaw(geometry: &Geometry, range: RangeId, flaw: Flaw) -> Self {
-        Hardener {
-            flaws: Flaws(Some(flaw)),
-            ..Hardener::new(geometry, range)
-        }
+        Hardener { flaws: Flaws(Some(flaw)), ..Hardener::new(geometry, range) }
     }
 
     pub fn range(&self) -> RangeId {
@@ -107,13 +97,8 @@ impl Hardener {
                 self.phase = Phase::Hardening;
                 Ok(self.done_if_hardened())
             }
-            (ToggleMsg::DestageAck { .. }, _) => {
-                Err(ToggleError::unexpected(msg, "no destage start is waiting"))
-            }
-            _ => Err(ToggleError::unexpected(
-                msg,
-                "running the selective hardening method",
-            )),
+            (ToggleMsg::DestageAck { .. }, _) => Err(ToggleError::unexpected(msg, "no destage start is waiting")),
+            _ => Err(ToggleError::unexpected(msg, "running the selective hardening method")),
         }
     }
 
@@ -158,15 +143,9 @@ mod tests {
         fn new(setup: &Setup, flawed: bool) -> Self {
             let hardener = match flawed {
                 false => Hardener::new(&setup.geometry, setup.range),
-                true => {
-                    Hardener::with_flaw(&setup.geometry, setup.range, Flaw::MirrorTogglesOnStart)
-                }
+                true => Hardener::with_flaw(&setup.geometry, setup.range, Flaw::MirrorTogglesOnStart),
             };
-            Selective {
-                record: DirtyMap::new(setup.geometry),
-                recorder: Recorder::new(setup.range),
-                hardener,
-            }
+            Selective { record: DirtyMap::new(setup.geometry), recorder: Recorder::new(setup.range), hardener }
         }
     }
 
@@ -188,11 +167,7 @@ mod tests {
             self.recorder.on_message(&mut self.record, msg)
         }
 
-        fn to_hardener(
-            &mut self,
-            msg: ToggleMsg,
-            _: &BTreeSet<TrackId>,
-        ) -> Result<Option<ToggleMsg>, ToggleError> {
+        fn to_hardener(&mut self, msg: ToggleMsg, _: &BTreeSet<TrackId>) -> Result<Option<ToggleMsg>, ToggleError> {
             self.hardener.on_message(msg)
         }
 
@@ -205,9 +180,7 @@ mod tests {
         }
 
         fn scan(&self) -> Option<Vec<TrackId>> {
-            self.hardener
-                .is_hardening()
-                .then(|| self.hardener.pending().collect())
+            self.hardener.is_hardening().then(|| self.hardener.pending().collect())
         }
 
         fn finish_scan(&mut self) -> Option<ToggleMsg> {
@@ -219,19 +192,12 @@ mod tests {
             let h = &self.hardener;
             let cached: BTreeSet<TrackId> = h.mirror.tracks(&h.cached).collect();
             if &cached != unhardened {
-                return Err(format!(
-                    "cache set {cached:?} is not the cache's unhardened {unhardened:?}"
-                ));
+                return Err(format!("cache set {cached:?} is not the cache's unhardened {unhardened:?}"));
             }
-            let mirrored: BTreeSet<TrackId> = h
-                .mirror
-                .tracks(h.mirror.old())
-                .chain(h.mirror.tracks(h.mirror.current()))
-                .collect();
+            let mirrored: BTreeSet<TrackId> =
+                h.mirror.tracks(h.mirror.old()).chain(h.mirror.tracks(h.mirror.current())).collect();
             if !cached.is_subset(&mirrored) {
-                return Err(format!(
-                    "cache set {cached:?} is not within the mirror {mirrored:?}"
-                ));
+                return Err(format!("cache set {cached:?} is not within the mirror {mirrored:?}"));
             }
             Ok(())
         }
@@ -260,11 +226,7 @@ mod tests {
         for t in [4, 5, 6] {
             h.on_write(t);
         }
-        assert_eq!(
-            h.harden_track(5),
-            None,
-            "hardening outside a scan is silent"
-        );
+        assert_eq!(h.harden_track(5), None, "hardening outside a scan is silent");
         assert_eq!(h.start(), Some(ToggleMsg::DestageStart { range: 1 }));
         h.on_write(7); // ahead of the ack: the recorder marked it before toggling
         assert_eq!(h.on_message(ToggleMsg::DestageAck { range: 1 }), Ok(None));
@@ -275,9 +237,6 @@ mod tests {
         assert_eq!(h.harden_track(7), Some(ToggleMsg::DestageDone { range: 1 }));
         assert_eq!(h.pending().count(), 0);
         assert_eq!(h.start(), Some(ToggleMsg::DestageStart { range: 1 }));
-        assert_eq!(
-            h.on_message(ToggleMsg::DestageAck { range: 1 }),
-            Ok(Some(ToggleMsg::DestageDone { range: 1 }))
-        );
+        assert_eq!(h.on_message(ToggleMsg::DestageAck { range: 1 }), Ok(Some(ToggleMsg::DestageDone { range: 1 })));
     }
 }

@@ -188,9 +188,7 @@ pub enum DecodeError {
     PayloadTooLong { len: u32, max: u32 },
     #[error("checksum mismatch: frame carries {carried:#010x}, content gives {computed:#010x}")]
     ChecksumMismatch { carried: u32, computed: u32 },
-    #[error(
-        "reserved header bits set: flags {flags:#06x}, reserved {reserved:#06x} (both must be 0)"
-    )]
+    #[error("reserved header bits set: flags {flags:#06x}, reserved {reserved:#06x} (both must be 0)")]
     ReservedBits { flags: u16, reserved: u16 },
     #[error("malformed {message} payload: field `{field}` {reason}")]
     Malformed { message: &'static str, field: &'static str, reason: MalformedReason },
@@ -253,12 +251,7 @@ pub fn message_type(msg: &Message) -> u16 {
 /// On error `out` is left as it was: the message cannot be framed (too large, or a
 /// generation history the decoder would reject), which is a bug in the caller's splitting
 /// of work rather than a transport problem.
-pub fn encode(
-    volume: u64,
-    seq: u64,
-    msg: &Message,
-    out: &mut Vec<u8>,
-) -> Result<usize, EncodeError> {
+pub fn encode(volume: u64, seq: u64, msg: &Message, out: &mut Vec<u8>) -> Result<usize, EncodeError> {
     if let Message::State(s) = msg {
         let len = s.generations.history.len();
         if len > Generations::HISTORY {
@@ -387,10 +380,9 @@ fn write_payload(msg: &Message, w: &mut impl Sink) {
             w.u64(*len);
             w.bool(*zeroes);
         }
-        Message::ReceiptAck { id }
-        | Message::HardenedAck { id }
-        | Message::Flush { id }
-        | Message::FlushAck { id } => w.u64(*id),
+        Message::ReceiptAck { id } | Message::HardenedAck { id } | Message::Flush { id } | Message::FlushAck { id } => {
+            w.u64(*id)
+        }
         Message::DestageStart { range }
         | Message::DestageAck { range }
         | Message::DestageDone { range }
@@ -402,9 +394,7 @@ fn write_payload(msg: &Message, w: &mut impl Sink) {
             w.u64(*first);
             w.u32(*count);
         }
-        Message::RecordExtendAck { generation } | Message::RecordTrim { generation } => {
-            w.u64(*generation)
-        }
+        Message::RecordExtendAck { generation } | Message::RecordTrim { generation } => w.u64(*generation),
         Message::ResyncRequest { first, count } => {
             w.u64(*first);
             w.u32(*count);
@@ -482,11 +472,7 @@ pub fn peek_header(buf: &[u8]) -> Result<FrameHeader, DecodeError> {
     }
     let version = u16::from_le_bytes(field(h, OFF_VERSION));
     if !(MIN_VERSION..=PROTOCOL_VERSION).contains(&version) {
-        return Err(DecodeError::UnsupportedVersion {
-            theirs: version,
-            min: MIN_VERSION,
-            max: PROTOCOL_VERSION,
-        });
+        return Err(DecodeError::UnsupportedVersion { theirs: version, min: MIN_VERSION, max: PROTOCOL_VERSION });
     }
     let len = u32::from_le_bytes(field(h, OFF_LEN));
     if len > MAX_PAYLOAD {
@@ -515,12 +501,7 @@ pub fn decode(buf: &[u8]) -> Result<(Frame, usize), DecodeError> {
     };
     let (head, payload) = frame.split_at(HEADER_LEN);
 
-    let carried = u32::from_le_bytes([
-        head[OFF_CRC],
-        head[OFF_CRC + 1],
-        head[OFF_CRC + 2],
-        head[OFF_CRC + 3],
-    ]);
+    let carried = u32::from_le_bytes([head[OFF_CRC], head[OFF_CRC + 1], head[OFF_CRC + 2], head[OFF_CRC + 3]]);
     let mut computed = crc32c::crc32c(&head[..OFF_CRC]);
     computed = crc32c::crc32c_append(computed, &[0; 4]);
     computed = crc32c::crc32c_append(computed, payload);
@@ -552,10 +533,7 @@ struct Reader<'a> {
 impl<'a> Reader<'a> {
     fn take(&mut self, field: &'static str, n: usize) -> Result<&'a [u8], DecodeError> {
         if self.buf.len() < n {
-            return Err(self.malformed(
-                field,
-                MalformedReason::Truncated { needed: n, remaining: self.buf.len() },
-            ));
+            return Err(self.malformed(field, MalformedReason::Truncated { needed: n, remaining: self.buf.len() }));
         }
         let (head, tail) = self.buf.split_at(n);
         self.buf = tail;
@@ -628,10 +606,8 @@ impl<'a> Reader<'a> {
         let current = self.u64("generations.current")?;
         let count = self.u8("generations.history")? as usize;
         if count > Generations::HISTORY {
-            return Err(self.malformed(
-                "generations.history",
-                MalformedReason::TooMany { len: count, max: Generations::HISTORY },
-            ));
+            return Err(self
+                .malformed("generations.history", MalformedReason::TooMany { len: count, max: Generations::HISTORY }));
         }
         let mut history = Vec::with_capacity(count);
         for _ in 0..count {
@@ -738,29 +714,21 @@ fn decode_payload(ty: u16, payload: &[u8]) -> Result<Message, DecodeError> {
         TOGGLE_NOTICE => Message::ToggleNotice { range: r.u32("range")? },
         TOGGLE_ACK => Message::ToggleAck { range: r.u32("range")? },
         CLEAR_OLD => Message::ClearOld { range: r.u32("range")? },
-        RECORD_EXTEND => Message::RecordExtend {
-            generation: r.u64("generation")?,
-            first: r.u64("first")?,
-            count: r.u32("count")?,
-        },
+        RECORD_EXTEND => {
+            Message::RecordExtend { generation: r.u64("generation")?, first: r.u64("first")?, count: r.u32("count")? }
+        }
         RECORD_EXTEND_ACK => Message::RecordExtendAck { generation: r.u64("generation")? },
         RECORD_TRIM => Message::RecordTrim { generation: r.u64("generation")? },
         RESYNC_REQUEST => Message::ResyncRequest { first: r.u64("first")?, count: r.u32("count")? },
         RESYNC_DATA => Message::ResyncData { track: r.u64("track")?, payload: r.bytes("payload")? },
         RESYNC_ACK => Message::ResyncAck { track: r.u64("track")? },
         RESYNC_END => Message::ResyncEnd { tracks: r.u64("tracks")? },
-        READ_REQUEST => {
-            Message::ReadRequest { id: r.u64("id")?, offset: r.u64("offset")?, len: r.u32("len")? }
-        }
+        READ_REQUEST => Message::ReadRequest { id: r.u64("id")?, offset: r.u64("offset")?, len: r.u32("len")? },
         READ_REPLY => Message::ReadReply { id: r.u64("id")?, payload: r.bytes("payload")? },
-        ASYNC_COMMIT => Message::AsyncCommit {
-            group: r.u32("group")?,
-            cycle: r.u64("cycle")?,
-            writes: r.u32("writes")?,
-        },
-        ASYNC_COMMIT_ACK => {
-            Message::AsyncCommitAck { group: r.u32("group")?, cycle: r.u64("cycle")? }
+        ASYNC_COMMIT => {
+            Message::AsyncCommit { group: r.u32("group")?, cycle: r.u64("cycle")?, writes: r.u32("writes")? }
         }
+        ASYNC_COMMIT_ACK => Message::AsyncCommitAck { group: r.u32("group")?, cycle: r.u64("cycle")? },
         // The first match returned for every other value.
         _ => return Err(DecodeError::UnknownType { msg_type: ty }),
     };
@@ -793,36 +761,19 @@ mod tests {
             Just(DiskState::Inconsistent),
             Just(DiskState::Failed),
         ];
-        let mode = prop_oneof![
-            Just(Mode::Memory),
-            Just(Mode::Disk),
-            Just(Mode::Async),
-            Just(Mode::Predictive)
-        ];
-        (
-            any::<u8>(),
-            role,
-            disk,
-            mode,
-            arb_generations(),
-            any::<bool>(),
-            any::<u64>(),
-            any::<u32>(),
+        let mode = prop_oneof![Just(Mode::Memory), Just(Mode::Disk), Just(Mode::Async), Just(Mode::Predictive)];
+        (any::<u8>(), role, disk, mode, arb_generations(), any::<bool>(), any::<u64>(), any::<u32>()).prop_map(
+            |(node, role, disk, mode, generations, crashed, volume_size, track_size)| StateReport {
+                node,
+                role,
+                disk,
+                mode,
+                generations,
+                crashed,
+                volume_size,
+                track_size,
+            },
         )
-            .prop_map(
-                |(node, role, disk, mode, generations, crashed, volume_size, track_size)| {
-                    StateReport {
-                        node,
-                        role,
-                        disk,
-                        mode,
-                        generations,
-                        crashed,
-                        volume_size,
-                        track_size,
-                    }
-                },
-            )
     }
 
     fn arb_message() -> impl Strategy<Value = Message> {
@@ -833,11 +784,9 @@ mod tests {
         );
         prop_oneof![
             hello,
-            (any::<u16>(), any::<u64>())
-                .prop_map(|(version, features)| Message::HelloAck { version, features }),
+            (any::<u16>(), any::<u64>()).prop_map(|(version, features)| Message::HelloAck { version, features }),
             arb_state().prop_map(Message::State),
-            (any::<u32>(), arb_bytes())
-                .prop_map(|(range, bits)| Message::RecordPage { range, bits }),
+            (any::<u32>(), arb_bytes()).prop_map(|(range, bits)| Message::RecordPage { range, bits }),
             any::<u64>().prop_map(|tracks| Message::RecordEnd { tracks }),
             (any::<u64>(), any::<u64>(), any::<bool>(), arb_bytes())
                 .prop_map(|(id, offset, fua, payload)| Message::Data { id, offset, fua, payload }),
@@ -853,26 +802,23 @@ mod tests {
             any::<u32>().prop_map(|range| Message::ToggleNotice { range }),
             any::<u32>().prop_map(|range| Message::ToggleAck { range }),
             any::<u32>().prop_map(|range| Message::ClearOld { range }),
-            (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(generation, first, count)| {
-                Message::RecordExtend { generation, first, count }
-            }),
+            (any::<u64>(), any::<u64>(), any::<u32>())
+                .prop_map(|(generation, first, count)| { Message::RecordExtend { generation, first, count } }),
             any::<u64>().prop_map(|generation| Message::RecordExtendAck { generation }),
             any::<u64>().prop_map(|generation| Message::RecordTrim { generation }),
-            (any::<u64>(), any::<u32>())
-                .prop_map(|(first, count)| Message::ResyncRequest { first, count }),
-            (any::<u64>(), arb_bytes())
-                .prop_map(|(track, payload)| Message::ResyncData { track, payload }),
+            (any::<u64>(), any::<u32>()).prop_map(|(first, count)| Message::ResyncRequest { first, count }),
+            (any::<u64>(), arb_bytes()).prop_map(|(track, payload)| Message::ResyncData { track, payload }),
             any::<u64>().prop_map(|track| Message::ResyncAck { track }),
             any::<u64>().prop_map(|tracks| Message::ResyncEnd { tracks }),
-            (any::<u64>(), any::<u64>(), any::<u32>())
-                .prop_map(|(id, offset, len)| Message::ReadRequest { id, offset, len }),
-            (any::<u64>(), arb_bytes())
-                .prop_map(|(id, payload)| Message::ReadReply { id, payload }),
-            (any::<u32>(), any::<u64>(), any::<u32>()).prop_map(|(group, cycle, writes)| {
-                Message::AsyncCommit { group, cycle, writes }
+            (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(id, offset, len)| Message::ReadRequest {
+                id,
+                offset,
+                len
             }),
-            (any::<u32>(), any::<u64>())
-                .prop_map(|(group, cycle)| Message::AsyncCommitAck { group, cycle }),
+            (any::<u64>(), arb_bytes()).prop_map(|(id, payload)| Message::ReadReply { id, payload }),
+            (any::<u32>(), any::<u64>(), any::<u32>())
+                .prop_map(|(group, cycle, writes)| { Message::AsyncCommit { group, cycle, writes } }),
+            (any::<u32>(), any::<u64>()).prop_map(|(group, cycle)| Message::AsyncCommitAck { group, cycle }),
             any::<u64>().prop_map(|nonce| Message::Ping { nonce }),
             any::<u64>().prop_map(|nonce| Message::Pong { nonce }),
         ]
@@ -882,13 +828,7 @@ mod tests {
     fn samples() -> Vec<Message> {
         let bytes = Bytes::from_static(b"\x00\x01\xfe\xff tandem");
         vec![
-            Message::Hello(Hello {
-                min_version: 1,
-                max_version: 3,
-                features: 0b11,
-                node: 2,
-                volume: 9,
-            }),
+            Message::Hello(Hello { min_version: 1, max_version: 3, features: 0b11, node: 2, volume: 9 }),
             Message::HelloAck { version: 1, features: 0b11 },
             Message::State(StateReport {
                 node: 1,
@@ -980,8 +920,7 @@ mod tests {
 
     #[test]
     fn golden_ping_frame() {
-        let bytes =
-            encoded(0x1122_3344_5566_7788, 7, &Message::Ping { nonce: 0x0102_0304_0506_0708 });
+        let bytes = encoded(0x1122_3344_5566_7788, 7, &Message::Ping { nonce: 0x0102_0304_0506_0708 });
         // The checksum was computed independently with a bitwise CRC-32C (poly 0x82F63B78).
         #[rustfmt::skip]
         let golden = [
@@ -1098,11 +1037,7 @@ mod tests {
         let mut out = b"x".to_vec();
         assert_eq!(
             encode(1, 1, &Message::ReadReply { id: 1, payload }, &mut out),
-            Err(EncodeError::PayloadTooLong {
-                message: "ReadReply",
-                len: MAX_PAYLOAD as usize + 1,
-                max: MAX_PAYLOAD,
-            })
+            Err(EncodeError::PayloadTooLong { message: "ReadReply", len: MAX_PAYLOAD as usize + 1, max: MAX_PAYLOAD })
         );
         assert_eq!(out, b"x");
     }
@@ -1122,10 +1057,7 @@ mod tests {
             track_size: 0,
         });
         let mut out = Vec::new();
-        assert_eq!(
-            encode(0, 0, &msg, &mut out),
-            Err(EncodeError::HistoryTooLong { len: 9, max: 8 })
-        );
+        assert_eq!(encode(0, 0, &msg, &mut out), Err(EncodeError::HistoryTooLong { len: 9, max: 8 }));
         assert!(out.is_empty());
     }
 
@@ -1164,10 +1096,7 @@ mod tests {
     fn peek_header_reports_the_frame_length() {
         let msg = Message::RecordPage { range: 1, bits: Bytes::from_static(&[0xff; 100]) };
         let bytes = encoded(8, 9, &msg);
-        assert_eq!(
-            peek_header(&bytes[..HEADER_LEN - 1]),
-            Err(DecodeError::Incomplete { needed: HEADER_LEN })
-        );
+        assert_eq!(peek_header(&bytes[..HEADER_LEN - 1]), Err(DecodeError::Incomplete { needed: HEADER_LEN }));
         let h = peek_header(&bytes[..HEADER_LEN]).unwrap();
         assert_eq!(h.frame_len(), bytes.len());
         assert_eq!((h.volume, h.seq, h.len), (8, 9, 108));
@@ -1258,8 +1187,7 @@ mod tests {
     fn enum_values_outside_the_table_are_refused() {
         let state = |p: Vec<u8>| decode(&raw_frame(msg_type::STATE, 0, 0, &p));
         assert!(state(state_payload(1, 1, 1, 0, 0)).is_ok());
-        let invalid =
-            |field, value| Err(DecodeError::InvalidEnum { message: "State", field, value });
+        let invalid = |field, value| Err(DecodeError::InvalidEnum { message: "State", field, value });
         assert_eq!(state(state_payload(0, 1, 1, 0, 0)), invalid("role", 0));
         assert_eq!(state(state_payload(3, 1, 1, 0, 0)), invalid("role", 3));
         assert_eq!(state(state_payload(1, 6, 1, 0, 0)), invalid("disk", 6));
@@ -1277,8 +1205,7 @@ mod tests {
     #[test]
     fn a_history_longer_than_kept_is_malformed() {
         let max = Generations::HISTORY as u8;
-        let ok =
-            decode(&raw_frame(msg_type::STATE, 0, 0, &state_payload(1, 1, 1, max, 0))).unwrap();
+        let ok = decode(&raw_frame(msg_type::STATE, 0, 0, &state_payload(1, 1, 1, max, 0))).unwrap();
         let Message::State(s) = ok.0.message else { panic!("not a State") };
         assert_eq!(s.generations.history.len(), Generations::HISTORY);
 

@@ -63,13 +63,7 @@ pub enum HandshakeError {
 
 /// Our `Hello` for `volume`: every version and feature this build implements.
 pub fn hello(node: NodeId, volume: u64) -> Hello {
-    Hello {
-        min_version: MIN_VERSION,
-        max_version: PROTOCOL_VERSION,
-        features: features::SUPPORTED,
-        node,
-        volume,
-    }
+    Hello { min_version: MIN_VERSION, max_version: PROTOCOL_VERSION, features: features::SUPPORTED, node, volume }
 }
 
 /// Whether we are the decider that answers the peer's `Hello` with a `HelloAck`.
@@ -107,11 +101,7 @@ pub fn negotiate(ours: &Hello, theirs: &Hello) -> Result<Negotiated, HandshakeEr
 /// Checks the decider's `HelloAck` against what we offered in `ours`.
 pub fn check_ack(ours: &Hello, version: u16, features: u64) -> Result<Negotiated, HandshakeError> {
     if !(ours.min_version..=ours.max_version).contains(&version) {
-        return Err(HandshakeError::AckVersionOutOfRange {
-            version,
-            min: ours.min_version,
-            max: ours.max_version,
-        });
+        return Err(HandshakeError::AckVersionOutOfRange { version, min: ours.min_version, max: ours.max_version });
     }
     let unoffered = features & !ours.features;
     if unoffered != 0 {
@@ -211,15 +201,7 @@ mod tests {
         let a = with(0, (1, 1), SUPPORTED);
         let b = with(1, (2, 3), SUPPORTED);
         let err = negotiate(&a, &b).unwrap_err();
-        assert_eq!(
-            err,
-            HandshakeError::NoCommonVersion {
-                ours_min: 1,
-                ours_max: 1,
-                theirs_min: 2,
-                theirs_max: 3
-            }
-        );
+        assert_eq!(err, HandshakeError::NoCommonVersion { ours_min: 1, ours_max: 1, theirs_min: 2, theirs_max: 3 });
         assert_eq!(err.to_string(), "no common protocol version: we speak 1..=1, the peer 2..=3");
     }
 
@@ -265,10 +247,7 @@ mod tests {
     fn ack_version_must_be_one_we_speak() {
         let ours = with(1, (2, 4), SUPPORTED);
         for v in [2, 3, 4] {
-            assert_eq!(
-                check_ack(&ours, v, SUPPORTED),
-                Ok(Negotiated { version: v, features: SUPPORTED })
-            );
+            assert_eq!(check_ack(&ours, v, SUPPORTED), Ok(Negotiated { version: v, features: SUPPORTED }));
         }
         for v in [0, 1, 5, u16::MAX] {
             assert_eq!(
@@ -285,10 +264,7 @@ mod tests {
             check_ack(&ours, 1, SUPPORTED | ASYNC_MODE | (1 << 40)),
             Err(HandshakeError::AckUnofferedFeatures { unoffered: ASYNC_MODE | (1 << 40) })
         );
-        assert_eq!(
-            check_ack(&ours, 1, MEMORY_MODE),
-            Err(HandshakeError::MissingFeatures { missing: DISK_MODE })
-        );
+        assert_eq!(check_ack(&ours, 1, MEMORY_MODE), Err(HandshakeError::MissingFeatures { missing: DISK_MODE }));
     }
 
     #[test]
@@ -301,15 +277,9 @@ mod tests {
 
     fn arb_hello() -> impl Strategy<Value = Hello> {
         // Small domains so that agreements, disagreements and equal ids all occur often.
-        (0u16..4, 0u16..4, 0u64..64, 0u8..3, 0u64..2).prop_map(
-            |(min_version, max_version, features, node, volume)| Hello {
-                min_version,
-                max_version,
-                features,
-                node,
-                volume,
-            },
-        )
+        (0u16..4, 0u16..4, 0u64..64, 0u8..3, 0u64..2).prop_map(|(min_version, max_version, features, node, volume)| {
+            Hello { min_version, max_version, features, node, volume }
+        })
     }
 
     proptest! {

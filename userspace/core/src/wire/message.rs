@@ -51,57 +51,131 @@ pub enum Message {
     /// Version and feature negotiation (first frame on a connection).
     Hello(Hello),
     /// The answer to a `Hello`: the chosen version and the common features.
-    HelloAck { version: u16, features: u64 },
+    HelloAck {
+        version: u16,
+        features: u64,
+    },
     /// The sender's state; starts the record exchange after a (re)connect.
     State(StateReport),
     /// One range of the sender's record (current ∪ old), one bit per track, LSB first.
-    RecordPage { range: RangeId, bits: Bytes },
+    RecordPage {
+        range: RangeId,
+        bits: Bytes,
+    },
     /// The sender's record is complete; `tracks` is its count, checked by the receiver.
-    RecordEnd { tracks: u64 },
+    RecordEnd {
+        tracks: u64,
+    },
     /// A host write to replicate.
-    Data { id: WriteId, offset: u64, fua: bool, payload: Bytes },
+    Data {
+        id: WriteId,
+        offset: u64,
+        fua: bool,
+        payload: Bytes,
+    },
     /// A host discard (`zeroes == false`) or write-zeroes (`zeroes == true`) to replicate.
-    Discard { id: WriteId, offset: u64, len: u64, zeroes: bool },
+    Discard {
+        id: WriteId,
+        offset: u64,
+        len: u64,
+        zeroes: bool,
+    },
     /// The receiver recorded the write; in `memory` mode it also holds it in its cache.
-    ReceiptAck { id: WriteId },
+    ReceiptAck {
+        id: WriteId,
+    },
     /// The receiver hardened the write.
-    HardenedAck { id: WriteId },
+    HardenedAck {
+        id: WriteId,
+    },
     /// Harden everything written so far (a host FLUSH).
-    Flush { id: u64 },
-    FlushAck { id: u64 },
+    Flush {
+        id: u64,
+    },
+    FlushAck {
+        id: u64,
+    },
     /// Seed 003 Fig. 5: the sender is about to destage `range`; toggle your record of it.
-    DestageStart { range: RangeId },
+    DestageStart {
+        range: RangeId,
+    },
     /// The record of `range` was toggled.
-    DestageAck { range: RangeId },
+    DestageAck {
+        range: RangeId,
+    },
     /// The sender hardened `range`: clear its old bitmap.
-    DestageDone { range: RangeId },
+    DestageDone {
+        range: RangeId,
+    },
     /// Seed 003 Fig. 6: the sender switches to a new bitmap for `range`.
-    ToggleNotice { range: RangeId },
-    ToggleAck { range: RangeId },
+    ToggleNotice {
+        range: RangeId,
+    },
+    ToggleAck {
+        range: RangeId,
+    },
     /// Seed 003 Fig. 6: counter M reached zero, clear the old bitmap of `range`.
-    ClearOld { range: RangeId },
+    ClearOld {
+        range: RangeId,
+    },
     /// Seed 001: add tracks (the written ones and the predicted neighbours) to the
     /// receiver's record, in generation `generation`.
-    RecordExtend { generation: u64, first: TrackId, count: u32 },
-    RecordExtendAck { generation: u64 },
+    RecordExtend {
+        generation: u64,
+        first: TrackId,
+        count: u32,
+    },
+    RecordExtendAck {
+        generation: u64,
+    },
     /// Seed 001: remove every entry added in `generation` (now in sync on both sides).
-    RecordTrim { generation: u64 },
+    RecordTrim {
+        generation: u64,
+    },
     /// Ask the peer to ship these tracks (a targeted resync, e.g. after `verify`).
-    ResyncRequest { first: TrackId, count: u32 },
+    ResyncRequest {
+        first: TrackId,
+        count: u32,
+    },
     /// One track's content, shipped by a resync.
-    ResyncData { track: TrackId, payload: Bytes },
-    ResyncAck { track: TrackId },
+    ResyncData {
+        track: TrackId,
+        payload: Bytes,
+    },
+    ResyncAck {
+        track: TrackId,
+    },
     /// The source shipped every recorded track (`tracks` of them); the target is in sync.
-    ResyncEnd { tracks: u64 },
+    ResyncEnd {
+        tracks: u64,
+    },
     /// Seed 002: a read at the secondary of a track its record marks stale.
-    ReadRequest { id: u64, offset: u64, len: u32 },
-    ReadReply { id: u64, payload: Bytes },
+    ReadRequest {
+        id: u64,
+        offset: u64,
+        len: u32,
+    },
+    ReadReply {
+        id: u64,
+        payload: Bytes,
+    },
     /// Seed 004: the writes of consistency-set cycle `cycle` in group `group` are all sent;
     /// commit them atomically.
-    AsyncCommit { group: u32, cycle: u64, writes: u32 },
-    AsyncCommitAck { group: u32, cycle: u64 },
-    Ping { nonce: u64 },
-    Pong { nonce: u64 },
+    AsyncCommit {
+        group: u32,
+        cycle: u64,
+        writes: u32,
+    },
+    AsyncCommitAck {
+        group: u32,
+        cycle: u64,
+    },
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
 }
 
 impl Message {

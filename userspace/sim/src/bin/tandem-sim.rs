@@ -30,13 +30,18 @@ fn parse() -> Result<Args, String> {
             "--steps" => a.steps = value("--steps")? as usize,
             "--verbose" => a.verbose = true,
             "-h" | "--help" => {
-                return Err("usage: tandem-sim [--seeds N] [--first S] [--seed S] [--nodes 2] [--steps K] [--verbose]".into())
+                return Err(
+                    "usage: tandem-sim [--seeds N] [--first S] [--seed S] [--nodes 2] [--steps K] [--verbose]".into()
+                )
             }
             other => return Err(format!("unknown argument '{other}'")),
         }
     }
     if a.nodes != 2 {
-        return Err(format!("--nodes {}: this simulator drives 2 nodes today (3-node support is not built yet)", a.nodes));
+        return Err(format!(
+            "--nodes {}: this simulator drives 2 nodes today (3-node support is not built yet)",
+            a.nodes
+        ));
     }
     Ok(a)
 }

@@ -1,0 +1,188 @@
+//! Step-by-step checks of single rules; the simulator covers their interleavings.
+
+use super::connect::{decide, Plan};
+use super::*;
+use crate::types::{GenId, Generations};
+use proptest::prelude::*;
+
+fn geometry() -> Geometry {
+    Geometry::new(16 * 4096, 512, 4096, 4).unwrap()
+}
+
+fn report(node: NodeId, role: Role, disk: DiskState, gens: Generations, crashed: bool) -> StateReport {
+    StateReport {
+        node,
+        role,
+        disk,
+        mode: Mode::Memory,
+        generations: gens,
+        crashed,
+        volume_size: 16 * 4096,
+        track_size: 4096,
+    }
+}
+
+fn drain(n: &mut Node) -> Vec<Action> {
+    std::iter::from_fn(|| n.poll()).collect()
+}
+
+fn persist_all(n: &mut Node, actions: &[Action]) {
+    for a in actions {
+        if let Action::PersistMeta { io, .. } = a {
+            n.handle(0, Event::IoDone { io: *io, result: Ok(None) });
+        }
+    }
+}
+
+/// A primary connected to peer 1, both in sync.
+fn connected_primary(mode: Mode) -> Node {
+    let g = geometry();
+    let mut n = Node::new(NodeConfig::new(0, vec![1], g, mode), Meta::fresh(&g, 7), 1);
+    let a = drain(&mut n);
+    persist_all(&mut n, &a);
+    n.promote(false).unwrap();
+    let a = drain(&mut n);
+    persist_all(&mut n, &a);
+    n.handle(0, Event::PeerConnected { peer: 1 });
+    let mut peer = report(1, Role::Secondary, DiskState::UpToDate, Generations::new(7), false);
+    peer.mode = mode;
+    n.handle(0, Event::Received { peer: 1, msg: Message::State(peer) });
+    n.handle(0, Event::Received { peer: 1, msg: Message::RecordEnd { tracks: 0 } });
+    let a = drain(&mut n);
+    persist_all(&mut n, &a);
+    assert!(a.contains(&Action::Send { peer: 1, msg: Message::ResyncEnd { tracks: 0 } }), "{a:?}");
+    assert_eq!(n.conn(1), Some(ConnState::Connected));
+    n
+}
+
+#[test]
+fn local_write_waits_for_the_peers_record() {
+    let mut n = connected_primary(Mode::Memory);
+    n.handle(0, Event::HostWrite { id: 9, offset: 4096, data: Bytes::from(vec![1u8; 1024]), fua: false });
+    let a = drain(&mut n);
+    assert!(matches!(&a[..], [Action::Send { peer: 1, msg: Message::Data { id: 1, offset: 4096, .. } }]), "{a:?}");
+    assert!(n.record(1).unwrap().is_marked(1), "the peer's tracks are recorded before sending");
+    n.handle(0, Event::Received { peer: 1, msg: Message::ReceiptAck { id: 1 } });
+    let a = drain(&mut n);
+    let [Action::WriteLocal { io, offset: 4096, fua: false, .. }] = a[..] else { panic!("{a:?}") };
+    n.handle(0, Event::IoDone { io, result: Ok(None) });
+    assert_eq!(drain(&mut n), vec![Action::CompleteHost { id: 9, result: Ok(()) }]);
+}
+
+#[test]
+fn disk_mode_waits_for_both_hardenings() {
+    let mut n = connected_primary(Mode::Disk);
+    n.handle(0, Event::HostWrite { id: 9, offset: 0, data: Bytes::from(vec![1u8; 512]), fua: false });
+    drain(&mut n);
+    n.handle(0, Event::Received { peer: 1, msg: Message::ReceiptAck { id: 1 } });
+    let a = drain(&mut n);
+    let [Action::WriteLocal { io, fua: true, .. }] = a[..] else { panic!("{a:?}") };
+    n.handle(0, Event::IoDone { io, result: Ok(None) });
+    assert!(drain(&mut n).is_empty(), "the peer has not hardened yet");
+    n.handle(0, Event::Received { peer: 1, msg: Message::HardenedAck { id: 1 } });
+    assert_eq!(drain(&mut n), vec![Action::CompleteHost { id: 9, result: Ok(()) }]);
+}
+
+#[test]
+fn writing_apart_persists_a_new_generation_first() {
+    let mut n = connected_primary(Mode::Memory);
+    let before = n.generations().current;
+    n.handle(0, Event::PeerLost { peer: 1 });
+    let a = drain(&mut n);
+    persist_all(&mut n, &a);
+    n.handle(0, Event::HostWrite { id: 3, offset: 8192, data: Bytes::from(vec![2u8; 512]), fua: false });
+    let a = drain(&mut n);
+    let [Action::PersistMeta { io, ref meta }] = a[..] else { panic!("metadata first: {a:?}") };
+    assert_ne!(meta.generations.current, before);
+    assert_eq!(meta.generations.history[0], before);
+    assert!(meta.out_of_sync[2]);
+    n.handle(0, Event::IoDone { io, result: Ok(None) });
+    let a = drain(&mut n);
+    assert!(matches!(a[..], [Action::WriteLocal { fua: true, .. }]), "alone in memory mode, writes harden: {a:?}");
+}
+
+#[test]
+fn bad_extents_fail_the_host_request_and_change_nothing() {
+    let mut n = connected_primary(Mode::Memory);
+    n.handle(0, Event::HostWrite { id: 4, offset: 100, data: Bytes::from(vec![0u8; 512]), fua: false });
+    let a = drain(&mut n);
+    assert!(matches!(&a[..], [Action::CompleteHost { id: 4, result: Err(HostError::Geometry(_)) }]), "{a:?}");
+    assert!(n.record(1).unwrap().is_clean());
+}
+
+#[test]
+fn a_peer_speaking_nonsense_is_dropped_not_obeyed() {
+    let mut n = connected_primary(Mode::Memory);
+    n.handle(0, Event::Received { peer: 1, msg: Message::ResyncAck { track: 3 } });
+    let a = drain(&mut n);
+    assert!(matches!(&a[0], Action::Disconnect { peer: 1, reason: Refusal::Protocol(_), stand_alone: false }), "{a:?}");
+    // Alone in memory mode, it hardens what only it holds now.
+    assert!(a[1..].iter().all(|x| matches!(x, Action::Harden { scope: HardenScope::All, .. })), "{a:?}");
+    assert_eq!(n.conn(1), Some(ConnState::Connecting));
+}
+
+fn gens(current: GenId, history: &[GenId]) -> Generations {
+    Generations { current, history: history.to_vec() }
+}
+
+#[test]
+fn diverged_generations_are_refused_as_split_brain() {
+    let a = report(0, Role::Primary, DiskState::UpToDate, gens(5, &[1]), false);
+    let b = report(1, Role::Secondary, DiskState::UpToDate, gens(6, &[1]), false);
+    assert_eq!(decide(&a, &b), Err(Refusal::SplitBrain { ours: 5, theirs: 6 }));
+}
+
+#[test]
+fn the_node_ahead_is_the_source() {
+    let a = report(0, Role::Secondary, DiskState::UpToDate, gens(1, &[]), false);
+    let b = report(1, Role::Primary, DiskState::UpToDate, gens(2, &[1]), false);
+    assert_eq!(decide(&a, &b), Ok(Plan { source: 1, target: 0, full: false }));
+}
+
+#[test]
+fn the_crashed_node_is_the_target_and_two_crashed_nodes_resync_fully() {
+    let a = report(0, Role::Secondary, DiskState::Consistent, gens(1, &[]), true);
+    let b = report(1, Role::Secondary, DiskState::UpToDate, gens(1, &[]), false);
+    assert_eq!(decide(&a, &b), Ok(Plan { source: 1, target: 0, full: false }));
+    let b = report(1, Role::Secondary, DiskState::Consistent, gens(2, &[1]), true);
+    assert_eq!(decide(&a, &b), Ok(Plan { source: 1, target: 0, full: true }));
+}
+
+#[test]
+fn a_primary_never_becomes_the_target() {
+    let a = report(0, Role::Primary, DiskState::UpToDate, gens(1, &[]), false);
+    let b = report(1, Role::Secondary, DiskState::UpToDate, gens(2, &[1]), false);
+    assert_eq!(decide(&a, &b), Err(Refusal::PrimaryWouldBeTarget));
+}
+
+fn arb_report(node: NodeId) -> impl Strategy<Value = StateReport> {
+    let disk = prop_oneof![
+        Just(DiskState::UpToDate),
+        Just(DiskState::Consistent),
+        Just(DiskState::Outdated),
+        Just(DiskState::Inconsistent)
+    ];
+    let role = prop_oneof![Just(Role::Primary), Just(Role::Secondary)];
+    (role, disk, 0u64..4, proptest::collection::vec(1u64..4, 0..3), any::<bool>()).prop_map(
+        move |(role, disk, current, history, crashed)| report(node, role, disk, gens(current, &history), crashed),
+    )
+}
+
+proptest! {
+    /// Both ends run `decide` on the same two reports and must reach the same verdict.
+    #[test]
+    fn decide_is_symmetric(a in arb_report(0), b in arb_report(1)) {
+        prop_assert_eq!(decide(&a, &b), decide(&b, &a));
+    }
+
+    /// A plan never names an invalid source or a primary target.
+    #[test]
+    fn plans_are_sane(a in arb_report(0), b in arb_report(1)) {
+        if let Ok(plan) = decide(&a, &b) {
+            let (src, dst) = if plan.source == 0 { (&a, &b) } else { (&b, &a) };
+            prop_assert_ne!(plan.source, plan.target);
+            prop_assert!(!matches!(src.disk, DiskState::Inconsistent | DiskState::Failed));
+            prop_assert_ne!(dst.role, Role::Primary);
+        }
+    }
+}
