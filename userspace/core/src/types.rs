@@ -49,6 +49,9 @@ pub enum ConnState {
     SyncSource,
     /// Connected, receiving recorded tracks from the peer.
     SyncTarget,
+    /// Connected to another secondary while a primary elsewhere replicates to both: no data
+    /// flows here. Re-handshaken when that primary is lost.
+    Idle,
 }
 
 /// Replication mode of a volume (see DESIGN.md).

@@ -39,6 +39,8 @@ struct SimNode {
     /// Bumped at every crash: events of an earlier life are dropped.
     inc: u64,
     writes_in_flight: BTreeMap<IoId, (u64, Payload)>,
+    /// A metadata write in flight: on a crash it may or may not have landed.
+    meta_in_flight: Option<Meta>,
     down_since: u64,
     /// Host requests in flight: id → extent (None for flushes).
     host: BTreeMap<u64, Option<Extent>>,
@@ -116,6 +118,7 @@ impl World {
                 disk: Disk::new(geometry, initial.clone()),
                 inc: 0,
                 writes_in_flight: BTreeMap::new(),
+                meta_in_flight: None,
                 down_since: 0,
                 host: BTreeMap::new(),
             });
@@ -168,7 +171,8 @@ impl World {
         cfg.destage_interval = 3_000;
         cfg.resync_window = 4;
         let mut node =
-            Node::new(cfg, n.disk.meta.clone(), self.seed.wrapping_mul(31).wrapping_add(id as u64 * 1000 + n.inc));
+            Node::new(cfg, n.disk.meta.clone(), self.seed.wrapping_mul(31).wrapping_add(id as u64 * 1000 + n.inc))
+                .expect("the simulator builds valid configurations");
         node.plant_bugs(self.cfg.bugs);
         node.start(self.now);
         if node.generations().current == 0 {
@@ -258,6 +262,7 @@ impl World {
                 self.schedule(d, Ev::Io { node: id, inc, io, kind: IoKind::Harden(set), fail: false });
             }
             Action::PersistMeta { io, meta } => {
+                self.nodes[id as usize].meta_in_flight = Some(meta.clone());
                 let d = self.io_delay(50, 600);
                 self.schedule(d, Ev::Io { node: id, inc, io, kind: IoKind::Meta(Box::new(meta)), fail: false });
             }
@@ -413,6 +418,11 @@ impl World {
         n.down_since = self.now;
         let in_flight: Vec<(u64, Payload)> = std::mem::take(&mut n.writes_in_flight).into_values().collect();
         n.disk.crash(&mut self.rng, &in_flight);
+        if let Some(meta) = n.meta_in_flight.take() {
+            if self.rng.gen_bool(0.5) {
+                n.disk.meta = meta;
+            }
+        }
         for host_id in std::mem::take(&mut self.nodes[id as usize].host).into_keys() {
             self.truth.fail(host_id);
         }
@@ -426,7 +436,10 @@ impl World {
         self.nodes.iter().enumerate().all(|(i, n)| {
             n.node.as_ref().is_some_and(|node| {
                 node.disk() == DiskState::UpToDate
-                    && self.peers_of(i as NodeId).iter().all(|p| node.conn(*p) == Some(ConnState::Connected))
+                    && self
+                        .peers_of(i as NodeId)
+                        .iter()
+                        .all(|p| matches!(node.conn(*p), Some(ConnState::Connected | ConnState::Idle)))
             })
         }) && self.links.values().all(|l| l.up && l.connected)
     }
@@ -580,6 +593,21 @@ impl World {
         }
     }
 
+    /// Promotes the best live replica: an UpToDate one if any, else (forced) a valid one.
+    fn elect_primary(&mut self) {
+        for force in [false, true] {
+            for id in 0..self.cfg.nodes as NodeId {
+                let Some(node) = self.nodes[id as usize].node.as_mut() else { continue };
+                let valid = !matches!(node.disk(), DiskState::Inconsistent | DiskState::Failed);
+                if valid && node.promote(force).is_ok() {
+                    self.log(format!("operator elects node {id} primary{}", if force { " --force" } else { "" }));
+                    self.drain(id);
+                    return;
+                }
+            }
+        }
+    }
+
     fn failback(&mut self) {
         let Some(p) = self.primary() else { return };
         let other = (p + 1) % self.cfg.nodes as NodeId;
@@ -680,6 +708,7 @@ impl World {
                             Ok(None)
                         }
                         IoKind::Meta(meta) => {
+                            n.meta_in_flight = None;
                             n.disk.meta = *meta;
                             Ok(None)
                         }
@@ -767,7 +796,10 @@ impl World {
                     }
                 }
                 self.resolve_refusals();
-                // No primary is fine for a resync; settle may still need to pick a source.
+                if self.cfg.nodes > 2 && self.primary().is_none() {
+                    // With several peers only a primary resyncs them: the operator names one.
+                    self.elect_primary();
+                }
                 for (a, b) in self.links.keys().copied().collect::<Vec<_>>() {
                     self.schedule(10, Ev::Connect { a, b });
                 }

@@ -16,7 +16,13 @@ use crate::wire::{Message, StateReport};
 use bytes::Bytes;
 
 pub(super) struct Handshake {
+    /// What this node sent: the decision must use it, not the state of the moment, so that
+    /// both ends decide on the same inputs.
+    sent_state: StateReport,
+    sent_record: DirtyMap,
+    /// The peer's first report (the one its record pages follow) and its latest one.
     state: Option<StateReport>,
+    latest: Option<StateReport>,
     record: DirtyMap,
 }
 
@@ -40,7 +46,8 @@ fn disk_rank(d: DiskState) -> u8 {
 }
 
 /// Decides a connection from both nodes' reports. Symmetric: `decide(a, b) == decide(b, a)`.
-pub fn decide(a: &StateReport, b: &StateReport) -> Result<Plan, Refusal> {
+/// `Ok(None)`: two secondaries of a primary elsewhere, which keeps both in sync; they idle.
+pub fn decide(a: &StateReport, b: &StateReport) -> Result<Option<Plan>, Refusal> {
     let (lo, hi) = if a.node <= b.node { (a, b) } else { (b, a) };
     if lo.mode != hi.mode {
         return Err(Refusal::Mismatch(format!("replication mode {} vs {}", lo.mode, hi.mode)));
@@ -53,6 +60,10 @@ pub fn decide(a: &StateReport, b: &StateReport) -> Result<Plan, Refusal> {
     }
     if lo.role == Role::Primary && hi.role == Role::Primary {
         return Err(Refusal::BothPrimary);
+    }
+    let elsewhere = |s: &StateReport| s.primary.is_some_and(|p| p != lo.node && p != hi.node);
+    if lo.role == Role::Secondary && hi.role == Role::Secondary && (elsewhere(lo) || elsewhere(hi)) {
+        return Ok(None);
     }
     // An invalidated replica (generation 0) is behind everyone, whatever its history.
     let relation = match (lo.generations.current, hi.generations.current) {
@@ -86,7 +97,7 @@ pub fn decide(a: &StateReport, b: &StateReport) -> Result<Plan, Refusal> {
     if target.role == Role::Primary {
         return Err(Refusal::PrimaryWouldBeTarget);
     }
-    Ok(Plan { source: source.node, target: target.node, full })
+    Ok(Some(Plan { source: source.node, target: target.node, full }))
 }
 
 /// Holds an image that could serve as a resync source.
@@ -118,39 +129,51 @@ impl Node {
         if is_linked(p.conn) {
             self.peer_lost(peer);
         }
+        // Every record this node keeps: with several peers, a track another peer may hold
+        // differently may differ here too (the peer is told the union, a superset).
         let geometry = self.cfg.geometry;
-        let p = self.peers.get_mut(&peer).expect("peer");
-        p.conn = ConnState::Handshaking;
-        p.handshake = Some(Handshake { state: None, record: DirtyMap::new(geometry) });
+        let mut all = DirtyMap::new(geometry);
+        for q in self.peers.values() {
+            all.merge(&q.record).expect("same geometry");
+        }
         let report = self.state_report();
-        self.send(peer, Message::State(report));
-        let record = &self.peers[&peer].record;
-        let pages: Vec<(RangeId, Bytes)> = (0..geometry.range_count())
-            .filter(|r| record.range_count(*r) > 0)
-            .map(|r| (r, bits_to_bytes(&record.range_union(r))))
-            .collect();
-        let tracks = record.count();
-        for (range, bits) in pages {
+        self.send(peer, Message::State(report.clone()));
+        for range in (0..geometry.range_count()).filter(|r| all.range_count(*r) > 0) {
+            let bits = bits_to_bytes(&all.range_union(range));
             self.send(peer, Message::RecordPage { range, bits });
         }
-        self.send(peer, Message::RecordEnd { tracks });
+        self.send(peer, Message::RecordEnd { tracks: all.count() });
+        let p = self.peers.get_mut(&peer).expect("peer");
+        p.conn = ConnState::Handshaking;
+        p.handshake = Some(Handshake {
+            sent_state: report,
+            sent_record: all,
+            state: None,
+            latest: None,
+            record: DirtyMap::new(geometry),
+        });
     }
 
     pub(super) fn on_state(&mut self, peer: NodeId, report: StateReport) {
         let p = self.peers.get_mut(&peer).expect("peer");
         if let Some(hs) = &mut p.handshake {
-            hs.state = Some(report);
+            if hs.state.is_none() {
+                hs.state = Some(report);
+            } else {
+                hs.latest = Some(report);
+            }
             return;
         }
         if report.role == Role::Primary && self.meta.role == Role::Primary {
             return self.drop_peer(peer, Refusal::BothPrimary, true);
         }
-        let p = self.peers.get_mut(&peer).expect("peer");
+        let was_primary = p.state.as_ref().is_some_and(|s| s.role == Role::Primary);
         let adopt = self.meta.role == Role::Secondary
             && report.role == Role::Primary
             && p.conn == ConnState::Connected
             && self.meta.disk == DiskState::UpToDate
             && report.generations != self.meta.generations;
+        let is_primary = report.role == Role::Primary;
         p.state = Some(report);
         if adopt {
             // The primary started a generation for writes another peer misses; this node
@@ -158,6 +181,42 @@ impl Node {
             self.meta.generations = self.peers[&peer].state.as_ref().expect("state").generations.clone();
             self.persist_meta();
         }
+        if is_primary {
+            self.follow_primary(peer);
+        } else if was_primary && self.meta.role == Role::Secondary {
+            // The primary stepped down: the secondaries idling beside it compare records.
+            self.lost_primary();
+        }
+    }
+
+    /// A secondary learns from its primary's report which other secondaries miss writes:
+    /// for those it records what it receives from now on, and what it has not seen the
+    /// primary harden yet (the primary's record of this node may be all that covers it).
+    pub(super) fn follow_primary(&mut self, primary: NodeId) {
+        if self.meta.role != Role::Secondary || !is_replicating(self.peers[&primary].conn) {
+            return;
+        }
+        let mask = self.peers[&primary].state.as_ref().map_or(0, |s| s.replicating);
+        let from_primary = self.peers[&primary].record.clone();
+        let me = self.cfg.node;
+        for (&q, p) in self.peers.iter_mut() {
+            if q == primary || q == me {
+                continue;
+            }
+            let missed = mask & (1 << q) == 0;
+            if missed && !p.missed_by {
+                p.record.merge(&from_primary).expect("same geometry");
+            }
+            p.missed_by = missed;
+        }
+    }
+
+    /// Secondaries that idled beside a primary that is gone must now compare records.
+    fn lost_primary(&mut self) {
+        for p in self.peers.values_mut() {
+            p.missed_by = false;
+        }
+        self.drop_idle_peers(Refusal::PrimaryLost);
     }
 
     pub(super) fn on_record_page(&mut self, peer: NodeId, range: RangeId, bits: Bytes) {
@@ -193,8 +252,15 @@ impl Node {
             return self
                 .protocol_error(peer, format!("record announced {tracks} tracks, pages held {}", hs.record.count()));
         }
-        let ours = self.state_report();
-        let plan = match decide(&ours, &theirs) {
+        let plan = match decide(&hs.sent_state, &theirs) {
+            // With several peers, only a primary resyncs: two secondaries syncing each other
+            // could make one node the target of two sources at once. (Both ends share the
+            // cluster's shape, so both conclude the same.)
+            Ok(_)
+                if self.peers.len() > 1 && hs.sent_state.role == Role::Secondary && theirs.role == Role::Secondary =>
+            {
+                None
+            }
             Ok(plan) => plan,
             Err(refusal) => {
                 self.drop_peer(peer, refusal, true);
@@ -202,30 +268,49 @@ impl Node {
             }
         };
         let me = self.cfg.node;
+        let mut union = hs.sent_record;
+        union.merge(&hs.record).expect("same geometry");
         let p = self.peers.get_mut(&peer).expect("peer");
-        p.state = Some(theirs);
-        p.record.merge(&hs.record).expect("same geometry");
-        if plan.full {
-            p.record.mark_all();
-        }
-        if plan.source == me {
-            let todo = p.record.union_tracks().collect();
-            p.conn = ConnState::SyncSource;
-            p.resync = Some(Resync::source(todo));
-            if matches!(self.meta.disk, DiskState::Consistent | DiskState::Outdated) {
-                // Both sides agree this replica holds the newest data there is.
-                self.meta.disk = DiskState::UpToDate;
-                self.persist_meta();
+        p.state = Some(hs.latest.unwrap_or(theirs));
+        match plan {
+            None => p.conn = ConnState::Idle,
+            Some(plan) => {
+                // Tracks recorded since the snapshot was sent are shipped too.
+                p.record.merge(&union).expect("same geometry");
+                if plan.full {
+                    p.record.mark_all();
+                }
+                if plan.source == me {
+                    let todo = p.record.union_tracks().collect();
+                    p.conn = ConnState::SyncSource;
+                    p.resync = Some(Resync::source(todo));
+                    if matches!(self.meta.disk, DiskState::Consistent | DiskState::Outdated) {
+                        // Both sides agree this replica holds the newest data there is.
+                        self.meta.disk = DiskState::UpToDate;
+                        self.persist_meta();
+                    }
+                } else {
+                    p.conn = ConnState::SyncTarget;
+                    let total = p.record.count();
+                    // A half-copied replica must never claim to be consistent after a crash;
+                    // with nothing recorded on either side there is nothing to half-copy.
+                    let after = if plan.full || !union.is_clean() || self.meta.disk != DiskState::UpToDate {
+                        self.meta.disk = DiskState::Inconsistent;
+                        self.persist_meta()
+                    } else {
+                        0
+                    };
+                    self.peers.get_mut(&peer).expect("peer").resync = Some(Resync::target(total, after));
+                }
             }
-        } else {
-            p.conn = ConnState::SyncTarget;
-            let tracks = p.record.count();
-            self.meta.disk = DiskState::Inconsistent;
-            let after = self.persist_meta();
-            self.peers.get_mut(&peer).expect("peer").resync = Some(Resync::target(tracks, after));
         }
         if self.peers.values().all(|p| is_replicating(p.conn)) {
             self.rotated_apart = false;
+        }
+        if self.meta.role == Role::Primary {
+            self.broadcast_state();
+        } else if p_is_primary(self, peer) {
+            self.follow_primary(peer);
         }
         self.resync_pump(peer);
         self.release_held();
@@ -233,6 +318,8 @@ impl Node {
 
     pub(super) fn peer_lost(&mut self, peer: NodeId) {
         let Some(p) = self.peers.get_mut(&peer) else { return };
+        let lost_our_primary = is_replicating(p.conn) && p.state.as_ref().is_some_and(|s| s.role == Role::Primary);
+        let was_replicating = is_replicating(p.conn);
         if p.conn != ConnState::StandAlone {
             p.conn = ConnState::Connecting;
         }
@@ -253,8 +340,20 @@ impl Node {
         self.local.orphan_flushes(peer);
         self.scan_peer_lost(peer);
         self.host_peer_lost(peer);
+        if self.meta.role == Role::Primary && was_replicating {
+            // The other secondaries must learn that this one misses writes before any
+            // DestageDone lets them forget tracks it may not have received.
+            self.broadcast_state();
+        }
+        if lost_our_primary && self.meta.role == Role::Secondary {
+            self.lost_primary();
+        }
         self.release_held();
     }
+}
+
+fn p_is_primary(node: &Node, peer: NodeId) -> bool {
+    node.peers[&peer].state.as_ref().is_some_and(|s| s.role == Role::Primary)
 }
 
 /// One bit per track, LSB first: the `RecordPage` layout.
@@ -270,7 +369,7 @@ impl super::local::LocalIos {
     /// Flush answers for a connection that is gone must not reach a later one.
     pub(super) fn orphan_flushes(&mut self, peer: NodeId) {
         self.retarget(|o| match o {
-            OtherFor::Harden(HardenFor::ReplicaFlush { peer: q, .. }) if *q == peer => {
+            OtherFor::Harden(HardenFor::ReplicaFlush { peer: q, .. } | HardenFor::ResyncEnd(q)) if *q == peer => {
                 Some(OtherFor::Harden(HardenFor::Degraded))
             }
             _ => None,

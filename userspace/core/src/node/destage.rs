@@ -44,15 +44,15 @@ struct Scan {
 }
 
 pub(super) struct Destage {
-    /// Ranges holding writes completed into the cache since their last harden was issued.
-    pub cache_dirty: Vec<bool>,
+    /// Ranges written since their last scan hardened them.
+    pub scan_due: Vec<bool>,
     next: RangeId,
     scan: Option<Scan>,
 }
 
 impl Destage {
     pub fn new(ranges: u32) -> Self {
-        Destage { cache_dirty: vec![false; ranges as usize], next: 0, scan: None }
+        Destage { scan_due: vec![false; ranges as usize], next: 0, scan: None }
     }
 
     pub fn is_idle(&self) -> bool {
@@ -74,8 +74,8 @@ impl Node {
         if self.destage.scan.is_some() || self.meta.disk == crate::types::DiskState::Failed {
             return;
         }
-        let n = self.destage.cache_dirty.len() as RangeId;
-        let Some(range) = (0..n).map(|i| (self.destage.next + i) % n).find(|r| self.destage.cache_dirty[*r as usize])
+        let n = self.destage.scan_due.len() as RangeId;
+        let Some(range) = (0..n).map(|i| (self.destage.next + i) % n).find(|r| self.destage.scan_due[*r as usize])
         else {
             return;
         };

@@ -152,17 +152,19 @@ impl Node {
     /// write must wait for.
     fn note_write_apart(&mut self, span: TrackSpan) -> u64 {
         let mut changed = self.meta.mark_out_of_sync(span);
-        if !self.rotated_apart {
+        let rotated = !self.rotated_apart;
+        if rotated {
             let next = self.fresh_gen();
             self.meta.generations.rotate(next);
             self.rotated_apart = true;
             changed = true;
         }
-        if changed {
-            self.persist_meta()
-        } else {
-            self.meta_version
+        let version = if changed { self.persist_meta() } else { self.meta_version };
+        if rotated {
+            // Connected secondaries hold these writes: they join the new generation.
+            self.broadcast_state();
         }
+        version
     }
 
     fn admit_host_write(&mut self, id: HostIoId) {

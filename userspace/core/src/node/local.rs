@@ -47,6 +47,8 @@ pub(super) enum HardenFor {
     HostWrite(HostIoId),
     /// Hardening everything after losing a peer in `memory` mode.
     Degraded,
+    /// The last resync copies from `peer` before this replica calls itself UpToDate.
+    ResyncEnd(NodeId),
 }
 
 #[derive(Clone, Debug)]
@@ -140,10 +142,8 @@ impl Node {
 
     pub(super) fn harden(&mut self, scope: HardenScope, why: HardenFor) -> IoId {
         let io = self.alloc_io();
-        if let HardenScope::Range(r) = scope {
-            self.destage.cache_dirty[r as usize] = false;
-        } else if scope == HardenScope::All {
-            self.destage.cache_dirty.iter_mut().for_each(|d| *d = false);
+        if let HardenFor::Scan(r) = why {
+            self.destage.scan_due[r as usize] = false;
         }
         self.local.others.insert(io, OtherFor::Harden(why));
         self.emit(Action::Harden { io, scope });
@@ -168,12 +168,12 @@ impl Node {
         if let Some(w) = self.local.writes.remove(&io) {
             match result {
                 Ok(_) => {
-                    if !w.fua {
-                        let g = self.cfg.geometry;
-                        if let Ok(span) = g.span(w.extent) {
-                            for r in g.ranges_of(span) {
-                                self.destage.cache_dirty[r as usize] = true;
-                            }
+                    // Even a FUA write needs a scan: only its DestageDone lets the peers
+                    // forget the tracks, whatever hardened them.
+                    let g = self.cfg.geometry;
+                    if let Ok(span) = g.span(w.extent) {
+                        for r in g.ranges_of(span) {
+                            self.destage.scan_due[r as usize] = true;
                         }
                     }
                     self.write_done(io, w);
@@ -216,6 +216,7 @@ impl Node {
                 }
             }
             HardenFor::HostWrite(id) => self.host_local_hardened(id),
+            HardenFor::ResyncEnd(peer) => self.resync_hardened(peer),
             HardenFor::Degraded => {}
         }
     }

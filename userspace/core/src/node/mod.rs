@@ -25,7 +25,7 @@ pub use meta::Meta;
 use crate::bitmap::DirtyMap;
 use crate::geometry::{Extent, Geometry, GeometryError, RangeId, TrackId};
 use crate::types::{ConnState, DiskState, GenId, Generations, Mode, NodeId, Role};
-use crate::wire::{Message, StateReport, WriteId};
+use crate::wire::{Message, StateReport, WriteId, MAX_NODES};
 use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
 use thiserror::Error;
@@ -176,6 +176,16 @@ pub enum Action {
 pub struct IoError(pub String);
 
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("replication mode {0} is not built yet (memory and disk are)")]
+    ModeNotBuilt(Mode),
+    #[error("node {node} with peers {peers:?}: ids must be distinct and below {MAX_NODES}")]
+    NodeIds { node: NodeId, peers: Vec<NodeId> },
+    #[error("metadata records {tracks} tracks, the volume has {expected}")]
+    MetaGeometry { tracks: u64, expected: u64 },
+}
+
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum HostError {
     #[error("this node is not primary")]
     NotPrimary,
@@ -183,8 +193,6 @@ pub enum HostError {
     Geometry(#[from] GeometryError),
     #[error("the local disk failed: {0}")]
     DiskFailed(String),
-    #[error("a write must carry whole blocks: {len} bytes at {offset}")]
-    Length { offset: u64, len: u64 },
 }
 
 /// Why a connection was refused or dropped by the protocol (not by the transport).
@@ -206,6 +214,12 @@ pub enum Refusal {
     Protocol(String),
     #[error("local disk failed")]
     DiskFailed,
+    #[error("this replica was invalidated; reconnecting to resync it")]
+    Invalidated,
+    #[error("the primary both nodes replicated with is gone; reconnecting to compare records")]
+    PrimaryLost,
+    #[error("this node was promoted; reconnecting to resync its peers")]
+    Promoted,
 }
 
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
@@ -222,6 +236,8 @@ pub enum AdminError {
     SyncTarget(NodeId),
     #[error("the local disk failed")]
     DiskFailed,
+    #[error("this node is primary; demote it first")]
+    IsPrimary,
 }
 
 /// What `tandem status` shows about one peer.
@@ -261,6 +277,9 @@ pub struct PlantedBugs {
 
 struct Peer {
     conn: ConnState,
+    /// A secondary's view: its primary said this peer does not receive replicated writes,
+    /// so writes received from the primary are recorded for this peer too.
+    missed_by: bool,
     record: DirtyMap,
     /// Last state the peer reported on the current connection.
     state: Option<StateReport>,
@@ -291,7 +310,19 @@ pub struct Node {
 impl Node {
     /// A node starting from persisted metadata. `seed` feeds the generation ids it creates
     /// and must differ between nodes and restarts (the daemon passes random bytes).
-    pub fn new(cfg: NodeConfig, mut meta: Meta, seed: u64) -> Self {
+    pub fn new(cfg: NodeConfig, mut meta: Meta, seed: u64) -> Result<Self, ConfigError> {
+        if matches!(cfg.mode, Mode::Async | Mode::Predictive) {
+            return Err(ConfigError::ModeNotBuilt(cfg.mode));
+        }
+        if cfg.peers.contains(&cfg.node) || cfg.peers.iter().chain([&cfg.node]).any(|n| usize::from(*n) >= MAX_NODES) {
+            return Err(ConfigError::NodeIds { node: cfg.node, peers: cfg.peers.clone() });
+        }
+        if meta.out_of_sync.len() as u64 != cfg.geometry.track_count() {
+            return Err(ConfigError::MetaGeometry {
+                tracks: meta.out_of_sync.len() as u64,
+                expected: cfg.geometry.track_count(),
+            });
+        }
         let crashed_now = !meta.clean;
         if meta.disk == DiskState::Failed {
             meta.out_of_sync.fill(true);
@@ -305,7 +336,14 @@ impl Node {
                 for t in meta.out_of_sync.iter_ones() {
                     record.mark(t as TrackId);
                 }
-                let peer = Peer { conn: ConnState::Connecting, record, state: None, handshake: None, resync: None };
+                let peer = Peer {
+                    conn: ConnState::Connecting,
+                    missed_by: false,
+                    record,
+                    state: None,
+                    handshake: None,
+                    resync: None,
+                };
                 (p, peer)
             })
             .collect();
@@ -344,7 +382,7 @@ impl Node {
             cfg,
         };
         node.persist_meta();
-        node
+        Ok(node)
     }
 
     /// Breaks rules on purpose (tests of the simulator only).
@@ -420,6 +458,9 @@ impl Node {
         }
         self.meta.role = Role::Primary;
         self.persist_meta();
+        // A secondary this node idled beside may miss writes of the old primary: handshake
+        // again, now as its primary.
+        self.drop_idle_peers(Refusal::Promoted);
         self.broadcast_state();
         if self.cfg.mode == Mode::Memory && self.replicating_peers().is_empty() {
             // Acknowledged writes of the old primary may sit only in this node's cache.
@@ -429,6 +470,9 @@ impl Node {
     }
 
     pub fn demote(&mut self) -> Result<(), AdminError> {
+        if self.peers.values().any(|p| p.conn == ConnState::Handshaking) {
+            return Err(AdminError::Handshaking);
+        }
         if self.host.in_flight() > 0 {
             return Err(AdminError::Busy(self.host.in_flight()));
         }
@@ -446,7 +490,10 @@ impl Node {
     /// connection resyncs all of it from the peer.
     pub fn invalidate(&mut self) -> Result<(), AdminError> {
         if self.meta.role == Role::Primary {
-            return Err(AdminError::PeerIsPrimary(self.cfg.node));
+            return Err(AdminError::IsPrimary);
+        }
+        if self.peers.values().any(|p| p.conn == ConnState::Handshaking) {
+            return Err(AdminError::Handshaking);
         }
         self.meta.disk = DiskState::Inconsistent;
         // An empty current generation that every peer is "ahead" of.
@@ -455,6 +502,11 @@ impl Node {
             p.record.mark_all();
         }
         self.persist_meta();
+        // Connected peers must learn it: a new handshake resyncs this replica.
+        let linked: Vec<NodeId> = self.peers.iter().filter(|(_, p)| is_linked(p.conn)).map(|(&id, _)| id).collect();
+        for peer in linked {
+            self.drop_peer(peer, Refusal::Invalidated, false);
+        }
         Ok(())
     }
 
@@ -565,7 +617,20 @@ impl Node {
             crashed: self.meta.crashed,
             volume_size: self.cfg.geometry.volume_size(),
             track_size: self.cfg.geometry.track_size(),
+            primary: self.current_primary(),
+            replicating: self.replicating_peers().iter().fold(0, |mask, p| mask | 1 << p),
         }
+    }
+
+    /// The primary this node replicates with: itself, or a replicating peer that is primary.
+    fn current_primary(&self) -> Option<NodeId> {
+        if self.meta.role == Role::Primary {
+            return Some(self.cfg.node);
+        }
+        self.peers
+            .iter()
+            .find(|(_, p)| is_replicating(p.conn) && p.state.as_ref().is_some_and(|s| s.role == Role::Primary))
+            .map(|(&id, _)| id)
     }
 
     fn broadcast_state(&mut self) {
@@ -632,6 +697,14 @@ impl Node {
             if let Some(p) = self.peers.get_mut(&peer) {
                 p.conn = ConnState::StandAlone;
             }
+        }
+    }
+
+    fn drop_idle_peers(&mut self, reason: Refusal) {
+        let idle: Vec<NodeId> =
+            self.peers.iter().filter(|(_, p)| p.conn == ConnState::Idle).map(|(&id, _)| id).collect();
+        for peer in idle {
+            self.drop_peer(peer, reason.clone(), false);
         }
     }
 

@@ -5,7 +5,7 @@
 
 use super::local::{HardenFor, WriteFor};
 use super::{is_replicating, HardenScope, Node, Payload};
-use crate::geometry::Extent;
+use crate::geometry::{Extent, TrackSpan};
 use crate::types::{Mode, NodeId, Role};
 use crate::wire::{Message, WriteId};
 
@@ -22,13 +22,23 @@ impl Node {
             Ok(span) => span,
             Err(e) => return self.protocol_error(peer, format!("replicated write: {e}")),
         };
-        self.peers.get_mut(&peer).expect("peer").record.mark_span(span);
+        self.record_received(peer, span);
         let disk_mode = self.cfg.mode == Mode::Disk;
         if disk_mode {
             // The record covers it now; the primary may write its own copy in parallel.
             self.send(peer, Message::ReceiptAck { id });
         }
         self.admit_write(extent, payload, fua || disk_mode, 0, WriteFor::Replica { peer, id, fua });
+    }
+
+    /// Marks tracks received from `peer` in its record, and in the records of the peers the
+    /// primary says miss its writes.
+    pub(super) fn record_received(&mut self, peer: NodeId, span: TrackSpan) {
+        for (&q, p) in self.peers.iter_mut() {
+            if q == peer || p.missed_by {
+                p.record.mark_span(span);
+            }
+        }
     }
 
     pub(super) fn replica_write_done(&mut self, peer: NodeId, id: WriteId, fua: bool) {

@@ -5,8 +5,8 @@
 //! sent to the peer, and would land after it). Such tracks wait; a copy whose track is
 //! written while the read is in flight is dropped and read again.
 
-use super::local::{OtherFor, WriteFor};
-use super::{IoId, Node, Payload};
+use super::local::{HardenFor, OtherFor, WriteFor};
+use super::{HardenScope, IoId, Node, Payload};
 use crate::geometry::{TrackId, TrackSpan};
 use crate::types::{ConnState, DiskState, Mode, NodeId};
 use crate::wire::Message;
@@ -165,7 +165,7 @@ impl Node {
             }
             Err(e) => return self.protocol_error(peer, format!("ResyncData: {e}")),
         };
-        self.peers.get_mut(&peer).expect("peer").record.mark(track);
+        self.record_received(peer, crate::geometry::TrackSpan::new(track, 1));
         let fua = self.cfg.mode == Mode::Disk;
         self.admit_write(extent, Payload::Data(payload), fua, after_meta, WriteFor::Resync { peer, track });
     }
@@ -178,14 +178,23 @@ impl Node {
     }
 
     pub(super) fn on_resync_end(&mut self, peer: NodeId, tracks: u64) {
-        let p = self.peers.get_mut(&peer).expect("peer");
-        match &p.resync {
+        match &self.peers[&peer].resync {
             Some(Resync::Target { written, .. }) if *written == tracks => {}
             Some(Resync::Target { written, .. }) => {
                 let why = format!("ResyncEnd after {tracks} tracks, {written} written here");
                 return self.protocol_error(peer, why);
             }
             _ => return self.protocol_error(peer, "ResyncEnd while not sync target".into()),
+        }
+        // The copies may sit in the cache; the replica claims to equal the source only once
+        // they are hardened, or a power loss of both nodes could make it a stale source.
+        self.harden(HardenScope::All, HardenFor::ResyncEnd(peer));
+    }
+
+    pub(super) fn resync_hardened(&mut self, peer: NodeId) {
+        let p = self.peers.get_mut(&peer).expect("peer");
+        if !matches!(p.resync, Some(Resync::Target { .. })) {
+            return;
         }
         p.resync = None;
         p.conn = ConnState::Connected;
@@ -198,12 +207,15 @@ impl Node {
         self.persist_meta();
         self.resync_finished();
         self.broadcast_state();
+        if source.role == crate::types::Role::Primary {
+            self.follow_primary(peer);
+        }
     }
 
     /// Once every peer is connected and in sync, nothing written apart remains unshipped
     /// and the records are whole again.
     fn resync_finished(&mut self) {
-        if self.peers.values().all(|p| p.conn == ConnState::Connected) {
+        if self.peers.values().all(|p| matches!(p.conn, ConnState::Connected | ConnState::Idle)) {
             let changed = self.meta.crashed || self.meta.out_of_sync.any();
             self.meta.crashed = false;
             self.meta.out_of_sync.fill(false);

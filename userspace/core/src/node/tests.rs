@@ -19,6 +19,8 @@ fn report(node: NodeId, role: Role, disk: DiskState, gens: Generations, crashed:
         crashed,
         volume_size: 16 * 4096,
         track_size: 4096,
+        primary: None,
+        replicating: 0,
     }
 }
 
@@ -37,7 +39,7 @@ fn persist_all(n: &mut Node, actions: &[Action]) {
 /// A primary connected to peer 1, both in sync.
 fn connected_primary(mode: Mode) -> Node {
     let g = geometry();
-    let mut n = Node::new(NodeConfig::new(0, vec![1], g, mode), Meta::fresh(&g, 7), 1);
+    let mut n = Node::new(NodeConfig::new(0, vec![1], g, mode), Meta::fresh(&g, 7), 1).unwrap();
     let a = drain(&mut n);
     persist_all(&mut n, &a);
     n.promote(false).unwrap();
@@ -136,16 +138,16 @@ fn diverged_generations_are_refused_as_split_brain() {
 fn the_node_ahead_is_the_source() {
     let a = report(0, Role::Secondary, DiskState::UpToDate, gens(1, &[]), false);
     let b = report(1, Role::Primary, DiskState::UpToDate, gens(2, &[1]), false);
-    assert_eq!(decide(&a, &b), Ok(Plan { source: 1, target: 0, full: false }));
+    assert_eq!(decide(&a, &b), Ok(Some(Plan { source: 1, target: 0, full: false })));
 }
 
 #[test]
 fn the_crashed_node_is_the_target_and_two_crashed_nodes_resync_fully() {
     let a = report(0, Role::Secondary, DiskState::Consistent, gens(1, &[]), true);
     let b = report(1, Role::Secondary, DiskState::UpToDate, gens(1, &[]), false);
-    assert_eq!(decide(&a, &b), Ok(Plan { source: 1, target: 0, full: false }));
+    assert_eq!(decide(&a, &b), Ok(Some(Plan { source: 1, target: 0, full: false })));
     let b = report(1, Role::Secondary, DiskState::Consistent, gens(2, &[1]), true);
-    assert_eq!(decide(&a, &b), Ok(Plan { source: 1, target: 0, full: true }));
+    assert_eq!(decide(&a, &b), Ok(Some(Plan { source: 1, target: 0, full: true })));
 }
 
 #[test]
@@ -178,11 +180,62 @@ proptest! {
     /// A plan never names an invalid source or a primary target.
     #[test]
     fn plans_are_sane(a in arb_report(0), b in arb_report(1)) {
-        if let Ok(plan) = decide(&a, &b) {
+        if let Ok(Some(plan)) = decide(&a, &b) {
             let (src, dst) = if plan.source == 0 { (&a, &b) } else { (&b, &a) };
             prop_assert_ne!(plan.source, plan.target);
             prop_assert!(!matches!(src.disk, DiskState::Inconsistent | DiskState::Failed));
             prop_assert_ne!(dst.role, Role::Primary);
         }
     }
+}
+
+#[test]
+fn modes_not_built_are_refused() {
+    let g = geometry();
+    let err = Node::new(NodeConfig::new(0, vec![1], g, Mode::Async), Meta::fresh(&g, 1), 1).err();
+    assert_eq!(err, Some(ConfigError::ModeNotBuilt(Mode::Async)));
+    let err = Node::new(NodeConfig::new(0, vec![0], g, Mode::Memory), Meta::fresh(&g, 1), 1).err();
+    assert!(matches!(err, Some(ConfigError::NodeIds { .. })));
+}
+
+#[test]
+fn secondaries_of_a_primary_elsewhere_idle() {
+    let mut a = report(1, Role::Secondary, DiskState::UpToDate, gens(1, &[]), false);
+    let b = report(2, Role::Secondary, DiskState::UpToDate, gens(1, &[]), false);
+    a.primary = Some(0);
+    assert_eq!(decide(&a, &b), Ok(None));
+    assert_eq!(decide(&b, &a), Ok(None));
+}
+
+#[test]
+fn a_secondary_records_for_peers_its_primary_misses() {
+    let g = geometry();
+    let mut n = Node::new(NodeConfig::new(1, vec![0, 2], g, Mode::Memory), Meta::fresh(&g, 7), 1).unwrap();
+    let a = drain(&mut n);
+    persist_all(&mut n, &a);
+    n.handle(0, Event::PeerConnected { peer: 0 });
+    let mut primary = report(0, Role::Primary, DiskState::UpToDate, gens(7, &[]), false);
+    primary.primary = Some(0);
+    primary.replicating = 0b110;
+    n.handle(0, Event::Received { peer: 0, msg: Message::State(primary.clone()) });
+    n.handle(0, Event::Received { peer: 0, msg: Message::RecordEnd { tracks: 0 } });
+    let a = drain(&mut n);
+    persist_all(&mut n, &a);
+    n.handle(0, Event::Received { peer: 0, msg: Message::ResyncEnd { tracks: 0 } });
+    let a = drain(&mut n);
+    let Some(Action::Harden { io, .. }) = a.iter().find(|x| matches!(x, Action::Harden { .. })).cloned() else {
+        panic!("{a:?}")
+    };
+    n.handle(0, Event::IoDone { io, result: Ok(None) });
+    assert_eq!(n.conn(0), Some(ConnState::Connected));
+    let data =
+        |id, track: u64| Message::Data { id, offset: track * 4096, fua: false, payload: Bytes::from(vec![0u8; 512]) };
+    n.handle(0, Event::Received { peer: 0, msg: data(1, 3) });
+    assert!(n.record(0).unwrap().is_marked(3));
+    assert!(!n.record(2).unwrap().is_marked(3), "node 2 receives the primary's writes itself");
+    primary.replicating = 0b010;
+    n.handle(0, Event::Received { peer: 0, msg: Message::State(primary) });
+    assert!(n.record(2).unwrap().is_marked(3), "what the primary may not have hardened is copied over");
+    n.handle(0, Event::Received { peer: 0, msg: data(2, 5) });
+    assert!(n.record(2).unwrap().is_marked(5), "and new writes are recorded for node 2");
 }

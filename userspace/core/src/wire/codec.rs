@@ -34,7 +34,7 @@
 //! |---------:|-------------------|---------------------------------------------------------------|
 //! | `0x0001` | `Hello`           | min_version u16, max_version u16, features u64, node u8, volume u64 |
 //! | `0x0002` | `HelloAck`        | version u16, features u64                                     |
-//! | `0x0003` | `State`           | node u8, role u8, disk u8, mode u8, generations, crashed bool, volume_size u64, track_size u32 |
+//! | `0x0003` | `State`           | node u8, role u8, disk u8, mode u8, generations, crashed bool, volume_size u64, track_size u32, primary u8 (0xFF: none), replicating u64 (bit per node) |
 //! | `0x0004` | `Ping`            | nonce u64                                                     |
 //! | `0x0005` | `Pong`            | nonce u64                                                     |
 //! | `0x0010` | `RecordPage`      | range u32, bits bytes                                         |
@@ -78,6 +78,9 @@
 //! |     5 |             | `Failed`       |              |
 
 use super::message::{Hello, Message, StateReport};
+
+/// `State.primary` when the sender replicates with no primary.
+const NO_PRIMARY: u8 = 0xFF;
 use crate::types::{DiskState, Generations, Mode, Role};
 use bytes::Bytes;
 use thiserror::Error;
@@ -362,6 +365,8 @@ fn write_payload(msg: &Message, w: &mut impl Sink) {
             w.bool(s.crashed);
             w.u64(s.volume_size);
             w.u32(s.track_size);
+            w.u8(s.primary.unwrap_or(NO_PRIMARY));
+            w.u64(s.replicating);
         }
         Message::RecordPage { range, bits } => {
             w.u32(*range);
@@ -687,6 +692,11 @@ fn decode_payload(ty: u16, payload: &[u8]) -> Result<Message, DecodeError> {
             crashed: r.bool("crashed")?,
             volume_size: r.u64("volume_size")?,
             track_size: r.u32("track_size")?,
+            primary: match r.u8("primary")? {
+                NO_PRIMARY => None,
+                n => Some(n),
+            },
+            replicating: r.u64("replicating")?,
         }),
         PING => Message::Ping { nonce: r.u64("nonce")? },
         PONG => Message::Pong { nonce: r.u64("nonce")? },
@@ -762,16 +772,21 @@ mod tests {
             Just(DiskState::Failed),
         ];
         let mode = prop_oneof![Just(Mode::Memory), Just(Mode::Disk), Just(Mode::Async), Just(Mode::Predictive)];
-        (any::<u8>(), role, disk, mode, arb_generations(), any::<bool>(), any::<u64>(), any::<u32>()).prop_map(
-            |(node, role, disk, mode, generations, crashed, volume_size, track_size)| StateReport {
-                node,
-                role,
-                disk,
-                mode,
-                generations,
-                crashed,
-                volume_size,
-                track_size,
+        let peers = (proptest::option::of(0u8..0xFF), any::<u64>());
+        (any::<u8>(), role, disk, mode, arb_generations(), any::<bool>(), any::<u64>(), any::<u32>(), peers).prop_map(
+            |(node, role, disk, mode, generations, crashed, volume_size, track_size, (primary, replicating))| {
+                StateReport {
+                    node,
+                    role,
+                    disk,
+                    mode,
+                    generations,
+                    crashed,
+                    volume_size,
+                    track_size,
+                    primary,
+                    replicating,
+                }
             },
         )
     }
@@ -839,6 +854,8 @@ mod tests {
                 crashed: true,
                 volume_size: 1 << 40,
                 track_size: 1 << 22,
+                primary: Some(1),
+                replicating: 0b101,
             }),
             Message::RecordPage { range: 17, bits: bytes.clone() },
             Message::RecordEnd { tracks: 262_144 },
@@ -961,6 +978,8 @@ mod tests {
             crashed: true,
             volume_size: 0x1000,
             track_size: 0x40,
+            primary: None,
+            replicating: 0b11,
         });
         let bytes = encoded(0, 0, &msg);
         #[rustfmt::skip]
@@ -975,6 +994,8 @@ mod tests {
             0x01,                   // crashed
             0x00, 0x10, 0, 0, 0, 0, 0, 0, // volume_size
             0x40, 0, 0, 0,          // track_size
+            0xff,                   // primary: none
+            0x03, 0, 0, 0, 0, 0, 0, 0, // replicating: nodes 0 and 1
         ];
         assert_eq!(&bytes[HEADER_LEN..], payload);
         assert_eq!(&bytes[6..8], &msg_type::STATE.to_le_bytes());
@@ -1055,6 +1076,8 @@ mod tests {
             crashed: false,
             volume_size: 0,
             track_size: 0,
+            primary: Some(0),
+            replicating: 0,
         });
         let mut out = Vec::new();
         assert_eq!(encode(0, 0, &msg, &mut out), Err(EncodeError::HistoryTooLong { len: 9, max: 8 }));
@@ -1180,6 +1203,8 @@ mod tests {
         p.push(crashed);
         p.extend_from_slice(&0u64.to_le_bytes());
         p.extend_from_slice(&0u32.to_le_bytes());
+        p.push(0xff);
+        p.extend_from_slice(&0u64.to_le_bytes());
         p
     }
 

@@ -43,7 +43,16 @@ pub struct StateReport {
     pub crashed: bool,
     pub volume_size: u64,
     pub track_size: u32,
+    /// The primary this node replicates with now: itself, a connected peer, or none.
+    pub primary: Option<NodeId>,
+    /// Bit `n` set: this node exchanges replicated writes with node `n` right now. A
+    /// secondary learns from its primary's mask which other secondaries miss writes.
+    pub replicating: u64,
 }
+
+/// Node ids are below this, so that they fit the `replicating` mask (and 0xFF can mean
+/// "no primary" on the wire).
+pub const MAX_NODES: usize = 64;
 
 /// Everything nodes say to each other.
 #[derive(Clone, Debug, PartialEq, Eq)]
