@@ -308,16 +308,19 @@ impl World {
                 matches!(node.conn(peer), Some(ConnState::Connected | ConnState::SyncSource | ConnState::SyncTarget));
             let link = &self.links[&key(id, peer)];
             let peer_inc = if id < peer { link.incs.1 } else { link.incs.0 };
-            // The peer's record counts only if the peer has not crashed since it acknowledged.
-            let record = self.nodes[peer as usize]
+            // A peer that crashed since it recorded anything covers nothing; this node's own
+            // record of it does (losing this node too would be a second failure).
+            let Some(record) = self.nodes[peer as usize]
                 .node
                 .as_ref()
-                .filter(|_| replicating && self.nodes[peer as usize].inc == peer_inc)
-                .and_then(|p| p.record(id));
-            let peer_covers = |t: u64| record.is_some_and(|r| r.is_marked(t));
-            if replicating && record.is_none() {
-                continue; // the peer crashed after recording: this node's record covers it
-            }
+                .filter(|_| self.nodes[peer as usize].inc == peer_inc)
+                .and_then(|p| p.record(id))
+            else {
+                continue;
+            };
+            // Only this node's DestageDone clears the peer's record of it, so the record
+            // counts whether or not the connection still stands.
+            let peer_covers = |t: u64| record.is_marked(t);
             let missing: Vec<u64> = span.tracks().filter(|t| !peer_covers(*t) && !durable[*t as usize]).collect();
             if !missing.is_empty() {
                 problems.push(format!(
@@ -595,7 +598,11 @@ impl World {
 
     /// Promotes the best live replica: an UpToDate one if any, else (forced) a valid one.
     fn elect_primary(&mut self) {
-        for force in [false, true] {
+        let any_up_to_date =
+            self.nodes.iter().any(|n| n.node.as_ref().is_some_and(|n| n.disk() == DiskState::UpToDate));
+        // Forcing a stale replica while a current one lives would throw writes away.
+        let attempts: &[bool] = if any_up_to_date { &[false] } else { &[false, true] };
+        for &force in attempts {
             for id in 0..self.cfg.nodes as NodeId {
                 let Some(node) = self.nodes[id as usize].node.as_mut() else { continue };
                 let valid = !matches!(node.disk(), DiskState::Inconsistent | DiskState::Failed);

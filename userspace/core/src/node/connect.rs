@@ -199,6 +199,7 @@ impl Node {
         let mask = self.peers[&primary].state.as_ref().map_or(0, |s| s.replicating);
         let from_primary = self.peers[&primary].record.clone();
         let me = self.cfg.node;
+        let mut newly_missed = false;
         for (&q, p) in self.peers.iter_mut() {
             if q == primary || q == me {
                 continue;
@@ -206,8 +207,19 @@ impl Node {
             let missed = mask & (1 << q) == 0;
             if missed && !p.missed_by {
                 p.record.merge(&from_primary).expect("same geometry");
+                newly_missed = true;
             }
             p.missed_by = missed;
+        }
+        if newly_missed {
+            // What this node holds and the missed peer may lack must outlive this node.
+            let mut grew = false;
+            for t in from_primary.union_tracks() {
+                grew |= self.meta.mark_out_of_sync(crate::geometry::TrackSpan::new(t, 1));
+            }
+            if grew {
+                self.persist_meta();
+            }
         }
     }
 

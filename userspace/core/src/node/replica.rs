@@ -22,22 +22,33 @@ impl Node {
             Ok(span) => span,
             Err(e) => return self.protocol_error(peer, format!("replicated write: {e}")),
         };
-        self.record_received(peer, span);
+        let after_meta = self.record_received(peer, span);
         let disk_mode = self.cfg.mode == Mode::Disk;
         if disk_mode {
             // The record covers it now; the primary may write its own copy in parallel.
             self.send(peer, Message::ReceiptAck { id });
         }
-        self.admit_write(extent, payload, fua || disk_mode, 0, WriteFor::Replica { peer, id, fua });
+        self.admit_write(extent, payload, fua || disk_mode, after_meta, WriteFor::Replica { peer, id, fua });
     }
 
     /// Marks tracks received from `peer` in its record, and in the records of the peers the
-    /// primary says miss its writes.
-    pub(super) fn record_received(&mut self, peer: NodeId, span: TrackSpan) {
+    /// primary says miss its writes. Returns the metadata version the local write waits
+    /// for: with a peer missing the write, this replica will hold data that peer lacks,
+    /// which must survive this node's crash in `out_of_sync` like a primary's write apart.
+    pub(super) fn record_received(&mut self, peer: NodeId, span: TrackSpan) -> u64 {
+        let mut missed = false;
         for (&q, p) in self.peers.iter_mut() {
             if q == peer || p.missed_by {
                 p.record.mark_span(span);
             }
+            missed |= p.missed_by;
+        }
+        if missed && self.meta.mark_out_of_sync(span) {
+            self.persist_meta()
+        } else if missed {
+            self.meta_version
+        } else {
+            0
         }
     }
 

@@ -165,9 +165,10 @@ impl Node {
             }
             Err(e) => return self.protocol_error(peer, format!("ResyncData: {e}")),
         };
-        self.record_received(peer, crate::geometry::TrackSpan::new(track, 1));
+        let after_missed = self.record_received(peer, crate::geometry::TrackSpan::new(track, 1));
         let fua = self.cfg.mode == Mode::Disk;
-        self.admit_write(extent, Payload::Data(payload), fua, after_meta, WriteFor::Resync { peer, track });
+        let after = after_meta.max(after_missed);
+        self.admit_write(extent, Payload::Data(payload), fua, after, WriteFor::Resync { peer, track });
     }
 
     pub(super) fn resync_write_done(&mut self, peer: NodeId, track: TrackId) {
