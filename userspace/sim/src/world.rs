@@ -211,15 +211,25 @@ impl World {
                 && matches!(a, Some(ConnState::SyncSource | ConnState::SyncTarget | ConnState::Connected))
             {
                 let (x, y) = (id as usize, peer as usize);
-                if self.wrote_apart[x][y] && self.wrote_apart[y][x] {
+                let resync = a != Some(ConnState::Idle);
+                if resync && self.wrote_apart[x][y] && self.wrote_apart[y][x] {
                     self.violate(
                         "5 (split brain detected)",
                         format!("nodes {id} and {peer} both wrote while apart, yet the handshake went on to {a:?}"),
                     );
                 }
-                self.wrote_apart[x][y] = false;
-                self.wrote_apart[y][x] = false;
-                self.summary.resyncs += 1;
+                if resync {
+                    // The target becomes a copy of the source: it lacks and holds, relative to
+                    // every other node, exactly what the source does.
+                    let (source, target) = if a == Some(ConnState::SyncTarget) { (y, x) } else { (x, y) };
+                    for z in 0..self.cfg.nodes {
+                        self.wrote_apart[target][z] = self.wrote_apart[source][z];
+                        self.wrote_apart[z][target] = self.wrote_apart[z][source];
+                    }
+                    self.wrote_apart[source][target] = false;
+                    self.wrote_apart[target][source] = false;
+                    self.summary.resyncs += 1;
+                }
             }
         }
     }

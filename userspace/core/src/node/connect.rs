@@ -316,8 +316,8 @@ impl Node {
                 }
             }
         }
-        if self.peers.values().all(|p| is_replicating(p.conn)) {
-            self.rotated_apart = false;
+        if is_replicating(self.peers[&peer].conn) {
+            self.rotated_for.remove(&peer);
         }
         if self.meta.role == Role::Primary {
             self.broadcast_state();

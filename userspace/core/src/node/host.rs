@@ -152,11 +152,13 @@ impl Node {
     /// write must wait for.
     fn note_write_apart(&mut self, span: TrackSpan) -> u64 {
         let mut changed = self.meta.mark_out_of_sync(span);
-        let rotated = !self.rotated_apart;
+        let absent: Vec<NodeId> =
+            self.peers.iter().filter(|(_, p)| !super::is_replicating(p.conn)).map(|(&id, _)| id).collect();
+        let rotated = absent.iter().any(|q| !self.rotated_for.contains(q));
         if rotated {
             let next = self.fresh_gen();
             self.meta.generations.rotate(next);
-            self.rotated_apart = true;
+            self.rotated_for.extend(absent);
             changed = true;
         }
         let version = if changed { self.persist_meta() } else { self.meta_version };

@@ -27,7 +27,7 @@ use crate::geometry::{Extent, Geometry, GeometryError, RangeId, TrackId};
 use crate::types::{ConnState, DiskState, GenId, Generations, Mode, NodeId, Role};
 use crate::wire::{Message, StateReport, WriteId, MAX_NODES};
 use bytes::Bytes;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use thiserror::Error;
 
 /// Identifies one local I/O (write, read, harden, metadata write) between action and event.
@@ -301,8 +301,9 @@ pub struct Node {
     host: host::HostState,
     local: local::LocalIos,
     destage: destage::Destage,
-    /// A generation was started for writes the absent peers do not see.
-    rotated_apart: bool,
+    /// Absent peers a generation was already started for: writes they do not see run under
+    /// a generation they never had. A peer leaving later needs a new one.
+    rotated_for: BTreeSet<NodeId>,
     actions: VecDeque<Action>,
     now: u64,
 }
@@ -376,7 +377,7 @@ impl Node {
             host: host::HostState::default(),
             local: local::LocalIos::default(),
             destage: destage::Destage::new(ranges),
-            rotated_apart: false,
+            rotated_for: BTreeSet::new(),
             actions: VecDeque::new(),
             now: 0,
             cfg,

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 use std::time::Instant;
-use tandem_sim::{config_for_seed, run};
+use tandem_sim::{config_for_seed, run, FaultClass};
 
 struct Args {
     seeds: u64,
@@ -11,11 +11,12 @@ struct Args {
     first: u64,
     nodes: usize,
     steps: usize,
+    class: Option<FaultClass>,
     verbose: bool,
 }
 
 fn parse() -> Result<Args, String> {
-    let mut a = Args { seeds: 200, seed: None, first: 1, nodes: 2, steps: 300, verbose: false };
+    let mut a = Args { seeds: 200, seed: None, first: 1, nodes: 2, steps: 300, class: None, verbose: false };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = |name: &str| -> Result<u64, String> {
@@ -29,9 +30,17 @@ fn parse() -> Result<Args, String> {
             "--nodes" => a.nodes = value("--nodes")? as usize,
             "--steps" => a.steps = value("--steps")? as usize,
             "--verbose" => a.verbose = true,
+            "--faults" => {
+                a.class = match it.next().as_deref() {
+                    Some("single") => Some(FaultClass::Single),
+                    Some("chaos") => Some(FaultClass::Chaos),
+                    Some("mixed") => None,
+                    other => return Err(format!("--faults: expected single, chaos or mixed, got {other:?}")),
+                }
+            }
             "-h" | "--help" => {
                 return Err(
-                    "usage: tandem-sim [--seeds N] [--first S] [--seed S] [--nodes 2] [--steps K] [--verbose]".into()
+                    "usage: tandem-sim [--seeds N] [--first S] [--seed S] [--nodes 2|3] [--faults single|chaos|mixed] [--steps K] [--verbose]".into()
                 )
             }
             other => return Err(format!("unknown argument '{other}'")),
@@ -60,6 +69,9 @@ fn main() -> ExitCode {
     for &seed in &seeds {
         let mut cfg = config_for_seed(seed, args.nodes, args.steps);
         cfg.verbose = args.verbose;
+        if let Some(class) = args.class {
+            cfg.faults = class;
+        }
         match run(seed, &cfg) {
             Ok(s) => {
                 events += s.events;
