@@ -337,6 +337,7 @@ impl Node {
         }
         p.handshake = None;
         p.state = None;
+        p.scans = super::scan_recorders(&self.cfg.geometry);
         if let Some(resync) = p.resync.take() {
             // Tracks not yet confirmed by the target stay recorded for the next attempt.
             for t in resync.unconfirmed() {

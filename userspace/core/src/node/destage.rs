@@ -9,6 +9,7 @@
 use super::local::HardenFor;
 use super::{HardenScope, HostIoId, IoId, Node};
 use crate::geometry::{Extent, RangeId};
+use crate::toggle::ToggleMsg;
 use crate::types::NodeId;
 use crate::wire::Message;
 use std::collections::BTreeSet;
@@ -160,22 +161,30 @@ impl Node {
     }
 
     pub(super) fn on_destage_start(&mut self, peer: NodeId, range: RangeId) {
-        if let Err(e) = self.cfg.geometry.check_range(range) {
-            return self.protocol_error(peer, format!("DestageStart: {e}"));
-        }
-        let bug = self.bugs.clear_old_on_start;
-        let record = &mut self.peers.get_mut(&peer).expect("peer").record;
-        record.toggle(range);
-        if bug {
-            record.clear_old(range);
-        }
-        self.send(peer, Message::DestageAck { range });
+        self.on_peer_scan(peer, range, ToggleMsg::DestageStart { range });
     }
 
     pub(super) fn on_destage_done(&mut self, peer: NodeId, range: RangeId) {
+        self.on_peer_scan(peer, range, ToggleMsg::DestageDone { range });
+    }
+
+    /// The peer's destage scan, applied to our record of the peer.
+    fn on_peer_scan(&mut self, peer: NodeId, range: RangeId, msg: ToggleMsg) {
         if let Err(e) = self.cfg.geometry.check_range(range) {
-            return self.protocol_error(peer, format!("DestageDone: {e}"));
+            return self.protocol_error(peer, format!("{}: {e}", msg.name()));
         }
-        self.peers.get_mut(&peer).expect("peer").record.clear_old(range);
+        let bug = self.bugs.clear_old_on_start && matches!(msg, ToggleMsg::DestageStart { .. });
+        let p = self.peers.get_mut(&peer).expect("peer");
+        match p.scans[range as usize].on_message(&mut p.record, msg) {
+            Ok(reply) => {
+                if bug {
+                    p.record.clear_old(range);
+                }
+                if let Some(reply) = reply {
+                    self.send(peer, reply.into());
+                }
+            }
+            Err(e) => self.protocol_error(peer, e.to_string()),
+        }
     }
 }

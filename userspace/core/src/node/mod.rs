@@ -285,6 +285,13 @@ struct Peer {
     state: Option<StateReport>,
     handshake: Option<connect::Handshake>,
     resync: Option<resync::Resync>,
+    /// Our half of the peer's destage scans (seed 003, Fig. 5), one per range; they start
+    /// afresh with every connection.
+    scans: Vec<crate::toggle::destage::Recorder>,
+}
+
+fn scan_recorders(geometry: &Geometry) -> Vec<crate::toggle::destage::Recorder> {
+    (0..geometry.range_count()).map(crate::toggle::destage::Recorder::new).collect()
 }
 
 pub struct Node {
@@ -344,6 +351,7 @@ impl Node {
                     state: None,
                     handshake: None,
                     resync: None,
+                    scans: scan_recorders(&cfg.geometry),
                 };
                 (p, peer)
             })

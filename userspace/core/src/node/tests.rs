@@ -239,3 +239,23 @@ fn a_secondary_records_for_peers_its_primary_misses() {
     n.handle(0, Event::Received { peer: 0, msg: data(2, 5) });
     assert!(n.record(2).unwrap().is_marked(5), "and new writes are recorded for node 2");
 }
+
+#[test]
+fn a_destage_done_without_its_start_is_refused() {
+    let mut n = connected_primary(Mode::Memory);
+    n.handle(0, Event::Received { peer: 1, msg: Message::DestageDone { range: 0 } });
+    let a = drain(&mut n);
+    assert!(matches!(&a[0], Action::Disconnect { peer: 1, reason: Refusal::Protocol(_), .. }), "{a:?}");
+}
+
+#[test]
+fn a_peer_scan_toggles_then_clears_our_record() {
+    let mut n = connected_primary(Mode::Memory);
+    n.handle(0, Event::HostWrite { id: 1, offset: 0, data: Bytes::from(vec![1u8; 512]), fua: false });
+    drain(&mut n);
+    n.handle(0, Event::Received { peer: 1, msg: Message::DestageStart { range: 0 } });
+    assert_eq!(drain(&mut n), vec![Action::Send { peer: 1, msg: Message::DestageAck { range: 0 } }]);
+    assert!(n.record(1).unwrap().is_marked_old(0));
+    n.handle(0, Event::Received { peer: 1, msg: Message::DestageDone { range: 0 } });
+    assert!(n.record(1).unwrap().is_clean());
+}
