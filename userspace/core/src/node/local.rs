@@ -49,6 +49,8 @@ pub(super) enum HardenFor {
     Degraded,
     /// The last resync copies from `peer` before this replica calls itself UpToDate.
     ResyncEnd(NodeId),
+    /// Everything, before an orderly shutdown marks the metadata clean.
+    Shutdown,
 }
 
 #[derive(Clone, Debug)]
@@ -217,6 +219,7 @@ impl Node {
             }
             HardenFor::HostWrite(id) => self.host_local_hardened(id),
             HardenFor::ResyncEnd(peer) => self.resync_hardened(peer),
+            HardenFor::Shutdown => self.shutdown_hardened(),
             HardenFor::Degraded => {}
         }
     }

@@ -333,6 +333,10 @@ impl Node {
         }
         let crashed_now = !meta.clean;
         if meta.disk == DiskState::Failed {
+            // The device erred under the last run: nothing on it can be trusted, so it
+            // comes back blank and takes a full resync from a peer.
+            meta.disk = DiskState::Inconsistent;
+            meta.generations = Generations::new(0);
             meta.out_of_sync.fill(true);
         }
         let peers = cfg
@@ -356,13 +360,6 @@ impl Node {
                 (p, peer)
             })
             .collect();
-        if meta.disk == DiskState::Failed {
-            // The device erred under the last run: nothing on it can be trusted, so it
-            // comes back blank and takes a full resync from a peer.
-            meta.disk = DiskState::Inconsistent;
-            meta.generations = Generations::new(0);
-            meta.out_of_sync.fill(true);
-        }
         if crashed_now {
             meta.crashed = true;
             meta.role = Role::Secondary;
@@ -431,10 +428,27 @@ impl Node {
         }
     }
 
-    /// Orderly shutdown: the caller stops sending events after draining the actions.
+    /// Orderly shutdown: hardens the cache, then persists the records into `out_of_sync`
+    /// with the clean flag. The caller keeps feeding completions until [`Node::is_down`].
     pub fn shutdown(&mut self) {
+        self.harden(HardenScope::All, local::HardenFor::Shutdown);
+    }
+
+    /// The cache is hardened; only now may the metadata say the node stopped cleanly, and
+    /// it must carry the records, or the restarted node would claim records it lost.
+    fn shutdown_hardened(&mut self) {
+        for p in self.peers.values() {
+            for t in p.record.union_tracks() {
+                self.meta.out_of_sync.set(t as usize, true);
+            }
+        }
         self.meta.clean = true;
         self.persist_meta();
+    }
+
+    /// A shutdown finished: the clean flag is durable.
+    pub fn is_down(&self) -> bool {
+        self.meta.clean && self.meta_durable == self.meta_version
     }
 
     pub fn promote(&mut self, force: bool) -> Result<(), AdminError> {

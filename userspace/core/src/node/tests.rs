@@ -259,3 +259,20 @@ fn a_peer_scan_toggles_then_clears_our_record() {
     n.handle(0, Event::Received { peer: 1, msg: Message::DestageDone { range: 0 } });
     assert!(n.record(1).unwrap().is_clean());
 }
+
+#[test]
+fn shutdown_hardens_then_persists_records_and_the_clean_flag() {
+    let mut n = connected_primary(Mode::Memory);
+    n.handle(0, Event::HostWrite { id: 1, offset: 3 * 4096, data: Bytes::from(vec![1u8; 512]), fua: false });
+    drain(&mut n);
+    n.shutdown();
+    let a = drain(&mut n);
+    let [Action::Harden { io, scope: HardenScope::All }] = a[..] else { panic!("harden first: {a:?}") };
+    assert!(!n.is_down());
+    n.handle(0, Event::IoDone { io, result: Ok(None) });
+    let a = drain(&mut n);
+    let [Action::PersistMeta { io, ref meta }] = a[..] else { panic!("{a:?}") };
+    assert!(meta.clean && meta.out_of_sync[3], "{meta:?}");
+    n.handle(0, Event::IoDone { io, result: Ok(None) });
+    assert!(n.is_down());
+}
