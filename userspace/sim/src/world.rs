@@ -77,9 +77,31 @@ pub struct World {
     /// wrote_apart[x][y]: x wrote locally as primary while not replicating to y.
     wrote_apart: Vec<Vec<bool>>,
     faults_active: u32,
+    /// Nodes in an orderly shutdown, stopped once their metadata says clean.
+    stopping: Vec<NodeId>,
     trace: VecDeque<String>,
     pub summary: Summary,
     violation: Option<(&'static str, String)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    /// The machine loses power: the device cache is gone.
+    PowerLoss,
+    /// The daemon is killed: its memory is gone, the kernel's cache is not.
+    Kill,
+    /// The daemon finished an orderly shutdown.
+    Clean,
+}
+
+impl Stop {
+    fn describe(self) -> &'static str {
+        match self {
+            Stop::PowerLoss => "CRASHES (power loss)",
+            Stop::Kill => "daemon KILLED",
+            Stop::Clean => "stops cleanly",
+        }
+    }
 }
 
 fn key(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
@@ -106,6 +128,7 @@ impl World {
             steps_left: cfg.steps,
             wrote_apart: vec![vec![false; n]; n],
             faults_active: 0,
+            stopping: Vec::new(),
             trace: VecDeque::new(),
             summary: Summary::default(),
             violation: None,
@@ -194,6 +217,9 @@ impl World {
         node.handle(self.now, ev);
         self.drain(id);
         self.after_conn_change(id, before);
+        if self.stopping.contains(&id) && self.nodes[id as usize].node.as_ref().is_some_and(|n| n.is_down()) {
+            self.stop(id, Stop::Clean);
+        }
     }
 
     fn conn_states(&self, id: NodeId) -> Vec<Option<ConnState>> {
@@ -355,7 +381,7 @@ impl World {
 
     fn disk_fault(&mut self) -> bool {
         match self.cfg.faults {
-            FaultClass::Single => self.faults_active == 0 && self.healthy() && self.rng.gen_bool(0.0005),
+            FaultClass::Single => self.rng.gen_bool(0.0005),
             FaultClass::Chaos => self.rng.gen_bool(0.001),
         }
     }
@@ -420,17 +446,33 @@ impl World {
     }
 
     fn crash(&mut self, id: NodeId) {
+        self.stop(id, Stop::PowerLoss);
+    }
+
+    /// Takes a node down. A power loss loses the device cache; a killed daemon (or one that
+    /// finished an orderly shutdown) leaves it, since the cache belongs to the kernel.
+    fn stop(&mut self, id: NodeId, how: Stop) {
         if self.nodes[id as usize].node.is_none() {
             return;
         }
-        self.log(format!("node {id} CRASHES"));
+        self.log(format!("node {id} {}", how.describe()));
         self.summary.crashes += 1;
+        self.stopping.retain(|s| *s != id);
         let n = &mut self.nodes[id as usize];
         n.node = None;
         n.inc += 1;
         n.down_since = self.now;
         let in_flight: Vec<(u64, Payload)> = std::mem::take(&mut n.writes_in_flight).into_values().collect();
-        n.disk.crash(&mut self.rng, &in_flight);
+        match how {
+            Stop::PowerLoss => n.disk.crash(&mut self.rng, &in_flight),
+            Stop::Kill | Stop::Clean => {
+                for (offset, payload) in &in_flight {
+                    if self.rng.gen_bool(0.5) {
+                        n.disk.complete_write(*offset, payload, false);
+                    }
+                }
+            }
+        }
         if let Some(meta) = n.meta_in_flight.take() {
             if self.rng.gen_bool(0.5) {
                 n.disk.meta = meta;
@@ -440,9 +482,21 @@ impl World {
             self.truth.fail(host_id);
         }
         for peer in self.peers_of(id) {
-            let detect = if self.rng.gen_bool(0.5) { 300 } else { 4_000 };
+            let detect = if how != Stop::PowerLoss || self.rng.gen_bool(0.5) { 300 } else { 4_000 };
             self.break_link(id, peer, Some(id), detect);
         }
+    }
+
+    /// An operator's `down` of a secondary: the node hardens and persists, then exits.
+    fn begin_shutdown(&mut self, id: NodeId) {
+        let secondary = self.nodes[id as usize].node.as_ref().is_some_and(|n| n.role() == Role::Secondary);
+        if !secondary || self.stopping.contains(&id) {
+            return;
+        }
+        self.log(format!("operator shuts node {id} down"));
+        self.nodes[id as usize].node.as_mut().expect("alive").shutdown().expect("a secondary shuts down");
+        self.stopping.push(id);
+        self.drain(id);
     }
 
     fn healthy(&self) -> bool {
@@ -528,7 +582,13 @@ impl World {
             let victim = self.rng.gen_range(0..n);
             if self.nodes[victim as usize].node.is_some() {
                 self.faults_active += 1;
-                self.crash(victim);
+                match self.rng.gen_range(0..4) {
+                    0 => self.stop(victim, Stop::Kill),
+                    1 if self.nodes[victim as usize].node.as_ref().is_some_and(|n| n.role() == Role::Secondary) => {
+                        self.begin_shutdown(victim)
+                    }
+                    _ => self.crash(victim),
+                }
             }
         } else {
             let a = self.rng.gen_range(0..n);
@@ -555,10 +615,6 @@ impl World {
             if failed {
                 self.log(format!("node {id} detached its failed disk; restarting it"));
                 self.crash(id);
-                if !chaos {
-                    // The failed disk is this run's one fault.
-                    self.faults_active = self.faults_active.max(1);
-                }
             } else if n.node.is_none() && self.now - n.down_since > 2_000 && self.rng.gen_bool(0.5) {
                 self.boot(id);
                 self.faults_active = self.faults_active.saturating_sub(1);
@@ -706,6 +762,13 @@ impl World {
             Ev::Io { node, inc, io, kind, fail } => {
                 if self.nodes[node as usize].inc != inc {
                     return;
+                }
+                // A media error strikes when the I/O completes: in the single-failure class
+                // only if nothing else has failed by then.
+                let fail =
+                    fail && (self.cfg.faults == FaultClass::Chaos || (self.faults_active == 0 && self.healthy()));
+                if fail && self.cfg.faults == FaultClass::Single {
+                    self.faults_active += 1;
                 }
                 let n = &mut self.nodes[node as usize];
                 let result = if fail {

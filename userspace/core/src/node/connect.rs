@@ -303,7 +303,10 @@ impl Node {
                     }
                 } else {
                     p.conn = ConnState::SyncTarget;
-                    let total = p.record.count();
+                    let mut pending = Bits::repeat(false, self.cfg.geometry.track_count() as usize);
+                    for t in p.record.union_tracks() {
+                        pending.set(t as usize, true);
+                    }
                     // A half-copied replica must never claim to be consistent after a crash;
                     // with nothing recorded on either side there is nothing to half-copy.
                     let after = if plan.full || !union.is_clean() || self.meta.disk != DiskState::UpToDate {
@@ -312,7 +315,7 @@ impl Node {
                     } else {
                         0
                     };
-                    self.peers.get_mut(&peer).expect("peer").resync = Some(Resync::target(total, after));
+                    self.peers.get_mut(&peer).expect("peer").resync = Some(Resync::target(pending, after));
                 }
             }
         }
@@ -339,7 +342,7 @@ impl Node {
         p.state = None;
         p.scans = super::scan_recorders(&self.cfg.geometry);
         if let Some(resync) = p.resync.take() {
-            // Tracks not yet confirmed by the target stay recorded for the next attempt.
+            // Tracks not yet confirmed in sync stay recorded for the next attempt.
             for t in resync.unconfirmed() {
                 p.record.mark(t);
             }

@@ -238,6 +238,8 @@ pub enum AdminError {
     DiskFailed,
     #[error("this node is primary; demote it first")]
     IsPrimary,
+    #[error("this node is shutting down")]
+    ShuttingDown,
 }
 
 /// What `tandem status` shows about one peer.
@@ -311,6 +313,8 @@ pub struct Node {
     /// Absent peers a generation was already started for: writes they do not see run under
     /// a generation they never had. A peer leaving later needs a new one.
     rotated_for: BTreeSet<NodeId>,
+    /// `shutdown` was called: no promotion any more.
+    shutting_down: bool,
     actions: VecDeque<Action>,
     now: u64,
 }
@@ -383,6 +387,7 @@ impl Node {
             local: local::LocalIos::default(),
             destage: destage::Destage::new(ranges),
             rotated_for: BTreeSet::new(),
+            shutting_down: false,
             actions: VecDeque::new(),
             now: 0,
             cfg,
@@ -430,15 +435,23 @@ impl Node {
 
     /// Orderly shutdown: hardens the cache, then persists the records into `out_of_sync`
     /// with the clean flag. The caller keeps feeding completions until [`Node::is_down`].
-    pub fn shutdown(&mut self) {
-        self.harden(HardenScope::All, local::HardenFor::Shutdown);
+    pub fn shutdown(&mut self) -> Result<(), AdminError> {
+        if self.meta.role == Role::Primary {
+            return Err(AdminError::IsPrimary);
+        }
+        if !self.shutting_down {
+            self.shutting_down = true;
+            self.harden(HardenScope::All, local::HardenFor::Shutdown);
+        }
+        Ok(())
     }
 
     /// The cache is hardened; only now may the metadata say the node stopped cleanly, and
     /// it must carry the records, or the restarted node would claim records it lost.
     fn shutdown_hardened(&mut self) {
         for p in self.peers.values() {
-            for t in p.record.union_tracks() {
+            let unconfirmed = p.resync.as_ref().map(|r| r.unconfirmed()).unwrap_or_default();
+            for t in p.record.union_tracks().chain(unconfirmed) {
                 self.meta.out_of_sync.set(t as usize, true);
             }
         }
@@ -454,6 +467,9 @@ impl Node {
     pub fn promote(&mut self, force: bool) -> Result<(), AdminError> {
         if self.meta.disk == DiskState::Failed {
             return Err(AdminError::DiskFailed);
+        }
+        if self.shutting_down {
+            return Err(AdminError::ShuttingDown);
         }
         if self.meta.role == Role::Primary {
             return Ok(());

@@ -7,6 +7,7 @@
 
 use super::local::{HardenFor, OtherFor, WriteFor};
 use super::{HardenScope, IoId, Node, Payload};
+use crate::bitmap::Bits;
 use crate::geometry::{TrackId, TrackSpan};
 use crate::types::{ConnState, DiskState, Mode, NodeId};
 use crate::wire::Message;
@@ -23,6 +24,10 @@ pub(super) enum Resync {
         confirmed: u64,
     },
     Target {
+        /// Tracks still to arrive. The source's destage scans may clear them from our
+        /// record of it before the copies come; if the source then loses its own record
+        /// (a crash), this is all that says they differ.
+        pending: Bits,
         total: u64,
         written: u64,
         /// Resync writes wait for the Inconsistent disk state to be durable: a crash in the
@@ -37,8 +42,9 @@ impl Resync {
         Resync::Source { todo, reading: BTreeMap::new(), awaiting: BTreeSet::new(), total, confirmed: 0 }
     }
 
-    pub fn target(total: u64, after_meta: u64) -> Self {
-        Resync::Target { total, written: 0, after_meta }
+    pub fn target(pending: Bits, after_meta: u64) -> Self {
+        let total = pending.count_ones() as u64;
+        Resync::Target { pending, total, written: 0, after_meta }
     }
 
     /// (done, total).
@@ -49,13 +55,13 @@ impl Resync {
         }
     }
 
-    /// Tracks the target has not confirmed (a source's leftovers when the link drops).
-    pub fn unconfirmed(self) -> Vec<TrackId> {
+    /// Tracks not yet confirmed in sync: they stay recorded when the resync is cut short.
+    pub fn unconfirmed(&self) -> Vec<TrackId> {
         match self {
             Resync::Source { todo, reading, awaiting, .. } => {
-                todo.into_iter().chain(reading.into_keys()).chain(awaiting).collect()
+                todo.iter().chain(reading.keys()).chain(awaiting).copied().collect()
             }
-            Resync::Target { .. } => Vec::new(),
+            Resync::Target { pending, .. } => pending.iter_ones().map(|t| t as TrackId).collect(),
         }
     }
 }
@@ -172,8 +178,9 @@ impl Node {
     }
 
     pub(super) fn resync_write_done(&mut self, peer: NodeId, track: TrackId) {
-        if let Some(Resync::Target { written, .. }) = &mut self.peers.get_mut(&peer).expect("peer").resync {
+        if let Some(Resync::Target { written, pending, .. }) = &mut self.peers.get_mut(&peer).expect("peer").resync {
             *written += 1;
+            pending.set(track as usize, false);
             self.send(peer, Message::ResyncAck { track });
         }
     }

@@ -264,8 +264,18 @@ fn a_peer_scan_toggles_then_clears_our_record() {
 fn shutdown_hardens_then_persists_records_and_the_clean_flag() {
     let mut n = connected_primary(Mode::Memory);
     n.handle(0, Event::HostWrite { id: 1, offset: 3 * 4096, data: Bytes::from(vec![1u8; 512]), fua: false });
+    let a = drain(&mut n);
+    assert_eq!(n.shutdown(), Err(AdminError::IsPrimary));
+    n.handle(0, Event::Received { peer: 1, msg: Message::ReceiptAck { id: 1 } });
+    let a2 = drain(&mut n);
+    let [Action::WriteLocal { io, .. }] = a2[..] else { panic!("{a:?} {a2:?}") };
+    n.handle(0, Event::IoDone { io, result: Ok(None) });
     drain(&mut n);
-    n.shutdown();
+    n.demote().unwrap();
+    let a = drain(&mut n);
+    persist_all(&mut n, &a);
+    n.shutdown().unwrap();
+    assert_eq!(n.promote(false), Err(AdminError::ShuttingDown));
     let a = drain(&mut n);
     let [Action::Harden { io, scope: HardenScope::All }] = a[..] else { panic!("harden first: {a:?}") };
     assert!(!n.is_down());
