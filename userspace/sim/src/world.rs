@@ -368,8 +368,20 @@ impl World {
                 apart.push(peer);
             }
         }
-        for peer in apart {
-            self.wrote_apart[id as usize][peer as usize] = true;
+        // The peers this write was replicated to acknowledged receipt before it reached
+        // this node's device: they hold it too, and so hold what the absent peers lack.
+        let holders: Vec<NodeId> = std::iter::once(id)
+            .chain(self.peers_of(id).into_iter().filter(|p| {
+                matches!(node.conn(*p), Some(ConnState::Connected | ConnState::SyncSource | ConnState::SyncTarget))
+                    && !apart.contains(p)
+            }))
+            .collect();
+        for holder in holders {
+            for &absent in &apart {
+                if holder != absent {
+                    self.wrote_apart[holder as usize][absent as usize] = true;
+                }
+            }
         }
         if !problems.is_empty() && self.cfg.live_record_check {
             self.violate(
@@ -699,6 +711,8 @@ impl World {
     /// Stand-alone pairs (a split brain or another refusal): the DRBD way, the operator
     /// picks a victim, discards its data (`invalidate`) and connects again.
     fn resolve_refusals(&mut self) {
+        let primaries =
+            self.nodes.iter().filter(|n| n.node.as_ref().is_some_and(|n| n.role() == Role::Primary)).count();
         let keys: Vec<(NodeId, NodeId)> = self.links.keys().copied().collect();
         for (a, b) in keys {
             let (Some(na), Some(nb)) = (self.nodes[a as usize].node.as_ref(), self.nodes[b as usize].node.as_ref())
@@ -710,6 +724,11 @@ impl World {
             }
             let good = |n: &Node| n.disk() != DiskState::Failed;
             if !good(na) || !good(nb) {
+                continue;
+            }
+            // Split primaries first: until one of them steps down, a secondary between them
+            // rightly refuses the second.
+            if primaries > 1 && !(na.role() == Role::Primary && nb.role() == Role::Primary) {
                 continue;
             }
             // Keep the primary's data, else the better disk, else a's.

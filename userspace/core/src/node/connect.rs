@@ -168,10 +168,11 @@ impl Node {
             return self.drop_peer(peer, Refusal::BothPrimary, true);
         }
         let was_primary = p.state.as_ref().is_some_and(|s| s.role == Role::Primary);
+        let in_sync = (p.conn == ConnState::Connected && self.meta.disk == DiskState::UpToDate)
+            || p.conn == ConnState::SyncTarget;
         let adopt = self.meta.role == Role::Secondary
             && report.role == Role::Primary
-            && p.conn == ConnState::Connected
-            && self.meta.disk == DiskState::UpToDate
+            && in_sync
             && report.generations != self.meta.generations;
         let is_primary = report.role == Role::Primary;
         p.state = Some(report);
@@ -280,6 +281,20 @@ impl Node {
             }
         };
         let me = self.cfg.node;
+        if let Some(plan) = plan.filter(|p| p.target == me) {
+            // One source at a time: copies from two nodes would interleave, and a second
+            // primary means the primaries have split.
+            let other = self.peers.iter().find(|(&q, p)| {
+                q != peer
+                    && (p.conn == ConnState::SyncTarget
+                        || (is_replicating(p.conn) && p.state.as_ref().is_some_and(|s| s.role == Role::Primary)))
+            });
+            if let Some((&other, _)) = other {
+                let stand_alone = theirs.role == Role::Primary;
+                self.drop_peer(plan.source, Refusal::SecondSource { other }, stand_alone);
+                return self.release_held();
+            }
+        }
         let mut union = hs.sent_record;
         union.merge(&hs.record).expect("same geometry");
         let p = self.peers.get_mut(&peer).expect("peer");
@@ -309,8 +324,15 @@ impl Node {
                     }
                     // A half-copied replica must never claim to be consistent after a crash;
                     // with nothing recorded on either side there is nothing to half-copy.
+                    // From now on this replica takes the source's writes, so it belongs to the
+                    // source's generation: a later handshake elsewhere must see that.
+                    let source_gens = self.peers[&peer].state.as_ref().expect("state").generations.clone();
+                    let adopt = source_gens != self.meta.generations;
+                    self.meta.generations = source_gens;
                     let after = if plan.full || !union.is_clean() || self.meta.disk != DiskState::UpToDate {
                         self.meta.disk = DiskState::Inconsistent;
+                        self.persist_meta()
+                    } else if adopt {
                         self.persist_meta()
                     } else {
                         0

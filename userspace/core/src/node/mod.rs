@@ -220,6 +220,8 @@ pub enum Refusal {
     PrimaryLost,
     #[error("this node was promoted; reconnecting to resync its peers")]
     Promoted,
+    #[error("already taking data from node {other}; one source at a time")]
+    SecondSource { other: NodeId },
 }
 
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
