@@ -76,6 +76,10 @@ pub struct World {
     steps_left: usize,
     /// wrote_apart[x][y]: x wrote locally as primary while not replicating to y.
     wrote_apart: Vec<Vec<bool>>,
+    /// When each pair last finished a handshake into a resync.
+    last_sync: Vec<Vec<u64>>,
+    /// When each host write was accepted.
+    accepted_at: std::collections::HashMap<u64, u64>,
     faults_active: u32,
     /// Nodes in an orderly shutdown, stopped once their metadata says clean.
     stopping: Vec<NodeId>,
@@ -127,6 +131,8 @@ impl World {
             next_host_id: 1,
             steps_left: cfg.steps,
             wrote_apart: vec![vec![false; n]; n],
+            last_sync: vec![vec![0; n]; n],
+            accepted_at: std::collections::HashMap::new(),
             faults_active: 0,
             stopping: Vec::new(),
             trace: VecDeque::new(),
@@ -237,6 +243,12 @@ impl World {
                 && matches!(a, Some(ConnState::SyncSource | ConnState::SyncTarget | ConnState::Connected))
             {
                 let (x, y) = (id as usize, peer as usize);
+                // Only once both ends have decided: the other may still refuse (it takes one
+                // resync source at a time), and then nothing was reconciled.
+                let theirs = self.nodes[y].node.as_ref().and_then(|n| n.conn(id));
+                if !matches!(theirs, Some(ConnState::SyncSource | ConnState::SyncTarget | ConnState::Connected)) {
+                    continue;
+                }
                 let resync = a != Some(ConnState::Idle);
                 if resync && self.wrote_apart[x][y] && self.wrote_apart[y][x] {
                     self.violate(
@@ -254,6 +266,9 @@ impl World {
                     }
                     self.wrote_apart[source][target] = false;
                     self.wrote_apart[target][source] = false;
+                    self.log(format!("(truth) node {target} resyncs from node {source}"));
+                    self.last_sync[x][y] = self.now;
+                    self.last_sync[y][x] = self.now;
                     self.summary.resyncs += 1;
                 }
             }
@@ -338,6 +353,14 @@ impl World {
         let span = self.geometry.span(Extent::new(offset, len)).expect("valid write");
         let mut problems = Vec::new();
         let mut apart = Vec::new();
+        let extent = Extent::new(offset, len);
+        let accepted = self.nodes[id as usize]
+            .host
+            .iter()
+            .find(|(_, e)| **e == Some(extent))
+            .and_then(|(h, _)| self.accepted_at.get(h))
+            .copied()
+            .unwrap_or(self.now);
         let durable = &self.nodes[id as usize].disk.meta.out_of_sync;
         for peer in self.peers_of(id) {
             let replicating =
@@ -363,7 +386,10 @@ impl World {
                     "tracks {missing:?} are neither in node {peer}'s record nor in the persisted out_of_sync"
                 ));
             }
-            if !replicating || span.tracks().any(|t| !peer_covers(t) && durable[t as usize]) {
+            // Covered only by out_of_sync is apart, unless a resync with that peer began
+            // after the write was accepted: its union then held these tracks.
+            let reconciled = self.last_sync[id as usize][peer as usize] > accepted;
+            if !replicating || (!reconciled && span.tracks().any(|t| !peer_covers(t) && durable[t as usize])) {
                 // Accepted while apart from the peer: the peer cannot see this write.
                 apart.push(peer);
             }
@@ -378,8 +404,9 @@ impl World {
             .collect();
         for holder in holders {
             for &absent in &apart {
-                if holder != absent {
+                if holder != absent && !self.wrote_apart[holder as usize][absent as usize] {
                     self.wrote_apart[holder as usize][absent as usize] = true;
+                    self.log(format!("(truth) node {holder} now holds writes node {absent} lacks"));
                 }
             }
         }
@@ -568,6 +595,7 @@ impl World {
             return; // hosts do not race writes to the same blocks
         }
         self.nodes[p as usize].host.insert(host_id, Some(extent));
+        self.accepted_at.insert(host_id, self.now);
         if kind < 12 {
             self.truth.issue(host_id, 0, extent);
             self.log(format!("host DISCARD #{host_id} at {p}: {} blocks at block {start}", len));
