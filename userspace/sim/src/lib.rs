@@ -72,6 +72,8 @@ pub struct Failure {
     pub invariant: &'static str,
     pub detail: String,
     pub trace: Vec<String>,
+    /// `--nodes` and `--faults` as the failing run had them.
+    pub replay_args: String,
 }
 
 impl fmt::Display for Failure {
@@ -81,7 +83,7 @@ impl fmt::Display for Failure {
         for line in &self.trace {
             writeln!(f, "  {line}")?;
         }
-        write!(f, "replay: cargo xtask sim --seed {} --verbose", self.seed)
+        write!(f, "replay: cargo xtask sim --seed {} {} --verbose", self.seed, self.replay_args)
     }
 }
 
@@ -96,6 +98,14 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Result<Summary, Failure> {
             invariant,
             detail,
             trace: world.trace(),
+            replay_args: format!(
+                "--nodes {} --faults {}",
+                cfg.nodes,
+                match cfg.faults {
+                    FaultClass::Single => "single",
+                    FaultClass::Chaos => "chaos",
+                }
+            ),
         }),
     }
 }

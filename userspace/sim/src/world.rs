@@ -57,6 +57,8 @@ struct Link {
     /// PeerLost notifications not yet delivered: no new connection before they are.
     lost_pending: u32,
     cut_since: u64,
+    /// When the current connection was made: its handshake carries every record as of then.
+    connected_since: u64,
 }
 
 pub struct World {
@@ -76,8 +78,6 @@ pub struct World {
     steps_left: usize,
     /// wrote_apart[x][y]: x wrote locally as primary while not replicating to y.
     wrote_apart: Vec<Vec<bool>>,
-    /// When each pair last finished a handshake into a resync.
-    last_sync: Vec<Vec<u64>>,
     /// When each host write was accepted.
     accepted_at: std::collections::HashMap<u64, u64>,
     faults_active: u32,
@@ -131,7 +131,6 @@ impl World {
             next_host_id: 1,
             steps_left: cfg.steps,
             wrote_apart: vec![vec![false; n]; n],
-            last_sync: vec![vec![0; n]; n],
             accepted_at: std::collections::HashMap::new(),
             faults_active: 0,
             stopping: Vec::new(),
@@ -249,28 +248,23 @@ impl World {
                 if !matches!(theirs, Some(ConnState::SyncSource | ConnState::SyncTarget | ConnState::Connected)) {
                     continue;
                 }
-                let resync = a != Some(ConnState::Idle);
-                if resync && self.wrote_apart[x][y] && self.wrote_apart[y][x] {
+                if self.wrote_apart[x][y] && self.wrote_apart[y][x] {
                     self.violate(
                         "5 (split brain detected)",
                         format!("nodes {id} and {peer} both wrote while apart, yet the handshake went on to {a:?}"),
                     );
                 }
-                if resync {
-                    // The target becomes a copy of the source: it lacks and holds, relative to
-                    // every other node, exactly what the source does.
-                    let (source, target) = if a == Some(ConnState::SyncTarget) { (y, x) } else { (x, y) };
-                    for z in 0..self.cfg.nodes {
-                        self.wrote_apart[target][z] = self.wrote_apart[source][z];
-                        self.wrote_apart[z][target] = self.wrote_apart[z][source];
-                    }
-                    self.wrote_apart[source][target] = false;
-                    self.wrote_apart[target][source] = false;
-                    self.log(format!("(truth) node {target} resyncs from node {source}"));
-                    self.last_sync[x][y] = self.now;
-                    self.last_sync[y][x] = self.now;
-                    self.summary.resyncs += 1;
+                // The target becomes a copy of the source: it lacks and holds, relative to
+                // every other node, exactly what the source does.
+                let (source, target) = if a == Some(ConnState::SyncTarget) { (y, x) } else { (x, y) };
+                for z in 0..self.cfg.nodes {
+                    self.wrote_apart[target][z] = self.wrote_apart[source][z];
+                    self.wrote_apart[z][target] = self.wrote_apart[z][source];
                 }
+                self.wrote_apart[source][target] = false;
+                self.wrote_apart[target][source] = false;
+                self.log(format!("(truth) node {target} resyncs from node {source}"));
+                self.summary.resyncs += 1;
             }
         }
     }
@@ -369,11 +363,10 @@ impl World {
             let peer_inc = if id < peer { link.incs.1 } else { link.incs.0 };
             // A peer that crashed since it recorded anything covers nothing; this node's own
             // record of it does (losing this node too would be a second failure).
-            let Some(record) = self.nodes[peer as usize]
-                .node
-                .as_ref()
-                .filter(|_| self.nodes[peer as usize].inc == peer_inc)
-                .and_then(|p| p.record(id))
+            let restarted_since = self.nodes[peer as usize].inc != peer_inc
+                || (self.nodes[peer as usize].inc > 0 && self.nodes[peer as usize].down_since > accepted);
+            let Some(record) =
+                self.nodes[peer as usize].node.as_ref().filter(|_| !restarted_since).and_then(|p| p.record(id))
             else {
                 continue;
             };
@@ -386,9 +379,9 @@ impl World {
                     "tracks {missing:?} are neither in node {peer}'s record nor in the persisted out_of_sync"
                 ));
             }
-            // Covered only by out_of_sync is apart, unless a resync with that peer began
-            // after the write was accepted: its union then held these tracks.
-            let reconciled = self.last_sync[id as usize][peer as usize] > accepted;
+            // Covered only by out_of_sync is apart, unless the connection to that peer began
+            // after the write was accepted: its handshake's union then holds these tracks.
+            let reconciled = link.connected && link.connected_since > accepted;
             if !replicating || (!reconciled && span.tracks().any(|t| !peer_covers(t) && durable[t as usize])) {
                 // Accepted while apart from the peer: the peer cannot see this write.
                 apart.push(peer);
@@ -476,6 +469,7 @@ impl World {
         let incs = (self.nodes[a as usize].inc, self.nodes[b as usize].inc);
         let link = self.links.get_mut(&key(a, b)).expect("link");
         link.connected = true;
+        link.connected_since = self.now;
         link.epoch += 1;
         link.incs = incs;
         link.last_delivery = [self.now; 2];
@@ -783,7 +777,10 @@ impl World {
             }
             k.reconnect(victim);
             self.drain(keeper);
-            self.wrote_apart[victim as usize][keeper as usize] = false;
+            // The victim is blank now: it holds nothing any node lacks.
+            for z in 0..self.cfg.nodes {
+                self.wrote_apart[victim as usize][z] = false;
+            }
             self.wrote_apart[keeper as usize][victim as usize] = false;
             self.log(format!("operator resolves {a}-{b}: node {victim} discards its data"));
             self.schedule(300, Ev::Connect { a, b });

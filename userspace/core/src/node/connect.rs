@@ -328,6 +328,9 @@ impl Node {
                     // source's generation: a later handshake elsewhere must see that.
                     let source_gens = self.peers[&peer].state.as_ref().expect("state").generations.clone();
                     let adopt = source_gens != self.meta.generations;
+                    if adopt && self.meta.before_resync.is_none() {
+                        self.meta.before_resync = Some(self.meta.generations.clone());
+                    }
                     self.meta.generations = source_gens;
                     let after = if plan.full || !union.is_clean() || self.meta.disk != DiskState::UpToDate {
                         self.meta.disk = DiskState::Inconsistent;

@@ -21,6 +21,11 @@ pub struct Meta {
     /// the per-peer records; on disk they survive this node's own crash, which the peers'
     /// records cannot cover because the peers never saw the writes.
     pub out_of_sync: Bits,
+    /// A resync target takes its source's generations when the resync starts; until it
+    /// completes, these are the generations of the data it really holds. A forced
+    /// promotion of a half-synced replica continues from them, so it never claims the
+    /// source's lineage without the source's data.
+    pub before_resync: Option<Generations>,
 }
 
 impl Meta {
@@ -34,6 +39,7 @@ impl Meta {
             clean: true,
             crashed: false,
             out_of_sync: bitvec![u64, Lsb0; 0; geometry.track_count() as usize],
+            before_resync: None,
         }
     }
 

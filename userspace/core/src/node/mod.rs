@@ -222,6 +222,8 @@ pub enum Refusal {
     Promoted,
     #[error("already taking data from node {other}; one source at a time")]
     SecondSource { other: NodeId },
+    #[error("this node is going down")]
+    Down,
 }
 
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
@@ -443,6 +445,14 @@ impl Node {
         }
         if !self.shutting_down {
             self.shutting_down = true;
+            // Nothing may arrive after the records are persisted: disconnect first.
+            let linked: Vec<NodeId> = self.peers.iter().filter(|(_, p)| is_linked(p.conn)).map(|(&id, _)| id).collect();
+            for peer in linked {
+                self.drop_peer(peer, Refusal::Down, true);
+            }
+            for p in self.peers.values_mut() {
+                p.conn = ConnState::StandAlone;
+            }
             self.harden(HardenScope::All, local::HardenFor::Shutdown);
         }
         Ok(())
@@ -491,7 +501,15 @@ impl Node {
         match self.meta.disk {
             DiskState::UpToDate => {}
             other if !force => return Err(AdminError::NotUpToDate(other)),
-            _ => self.meta.disk = DiskState::UpToDate,
+            _ => {
+                self.meta.disk = DiskState::UpToDate;
+                if let Some(own) = self.meta.before_resync.take() {
+                    // Half-synced: its data descends from its own lineage, not the source's.
+                    self.meta.generations = own;
+                    let next = self.fresh_gen();
+                    self.meta.generations.rotate(next);
+                }
+            }
         }
         if self.meta.generations.current == 0 {
             // The operator declared a blank replica's data authoritative: it starts a lineage.

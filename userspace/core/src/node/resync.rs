@@ -211,6 +211,7 @@ impl Node {
         // the handshake chose it), and this replica now equals it.
         self.meta.disk = DiskState::UpToDate;
         self.meta.generations = source.generations;
+        self.meta.before_resync = None;
         self.meta.crashed = false;
         self.persist_meta();
         self.resync_finished();
@@ -223,7 +224,8 @@ impl Node {
     /// Once every peer is connected and in sync, nothing written apart remains unshipped
     /// and the records are whole again.
     fn resync_finished(&mut self) {
-        if self.peers.values().all(|p| matches!(p.conn, ConnState::Connected | ConnState::Idle)) {
+        // Idle peers do not count: a secondary's out_of_sync may hold what an idle peer lacks.
+        if self.peers.values().all(|p| p.conn == ConnState::Connected) {
             let changed = self.meta.crashed || self.meta.out_of_sync.any();
             self.meta.crashed = false;
             self.meta.out_of_sync.fill(false);

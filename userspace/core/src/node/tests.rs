@@ -277,7 +277,12 @@ fn shutdown_hardens_then_persists_records_and_the_clean_flag() {
     n.shutdown().unwrap();
     assert_eq!(n.promote(false), Err(AdminError::ShuttingDown));
     let a = drain(&mut n);
-    let [Action::Harden { io, scope: HardenScope::All }] = a[..] else { panic!("harden first: {a:?}") };
+    let [Action::Disconnect { peer: 1, reason: Refusal::Down, stand_alone: true }, Action::Harden { io, scope: HardenScope::All }] =
+        a[..]
+    else {
+        panic!("disconnect, then harden: {a:?}")
+    };
+    assert_eq!(n.conn(1), Some(ConnState::StandAlone));
     assert!(!n.is_down());
     n.handle(0, Event::IoDone { io, result: Ok(None) });
     let a = drain(&mut n);

@@ -77,7 +77,7 @@
 //! |     4 |             | `Inconsistent` | `Predictive` |
 //! |     5 |             | `Failed`       |              |
 
-use super::message::{Hello, Message, StateReport};
+use super::message::{Hello, Message, StateReport, MAX_NODES};
 
 /// `State.primary` when the sender replicates with no primary.
 const NO_PRIMARY: u8 = 0xFF;
@@ -694,7 +694,8 @@ fn decode_payload(ty: u16, payload: &[u8]) -> Result<Message, DecodeError> {
             track_size: r.u32("track_size")?,
             primary: match r.u8("primary")? {
                 NO_PRIMARY => None,
-                n => Some(n),
+                n if usize::from(n) < MAX_NODES => Some(n),
+                n => return Err(r.invalid("primary", n)),
             },
             replicating: r.u64("replicating")?,
         }),
@@ -772,7 +773,7 @@ mod tests {
             Just(DiskState::Failed),
         ];
         let mode = prop_oneof![Just(Mode::Memory), Just(Mode::Disk), Just(Mode::Async), Just(Mode::Predictive)];
-        let peers = (proptest::option::of(0u8..0xFF), any::<u64>());
+        let peers = (proptest::option::of(0u8..MAX_NODES as u8), any::<u64>());
         (any::<u8>(), role, disk, mode, arb_generations(), any::<bool>(), any::<u64>(), any::<u32>(), peers).prop_map(
             |(node, role, disk, mode, generations, crashed, volume_size, track_size, (primary, replicating))| {
                 StateReport {
@@ -1218,6 +1219,10 @@ mod tests {
         assert_eq!(state(state_payload(1, 6, 1, 0, 0)), invalid("disk", 6));
         assert_eq!(state(state_payload(1, 1, 5, 0, 0)), invalid("mode", 5));
         assert_eq!(state(state_payload(1, 1, 1, 0, 2)), invalid("crashed", 2));
+        let mut p = state_payload(1, 1, 1, 0, 0);
+        let at = p.len() - 9;
+        p[at] = 64;
+        assert_eq!(state(p), invalid("primary", 64));
 
         let mut data = vec![0; 16];
         data.push(7);
