@@ -4,6 +4,7 @@
 
 mod apt;
 mod cmd;
+mod demo;
 mod fuzz;
 mod paths;
 mod sim;
@@ -23,6 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
+    /// The main job: a narrated failover and failback of one replicated volume on two nodes
+    Demo(demo::DemoArgs),
     /// Install missing tools, then run fmt, clippy, all tests and the simulator budget (CI runs this)
     Test,
     /// Run the deterministic simulator (`tandem-sim`, release build)
@@ -33,6 +36,7 @@ enum Task {
 
 fn main() -> ExitCode {
     let result = match Cli::parse().task {
+        Task::Demo(args) => demo::run(&args),
         Task::Test => test::run(),
         Task::Sim(args) => sim::run(&args),
         Task::Fuzz(args) => fuzz::run(&args),

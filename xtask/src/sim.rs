@@ -6,8 +6,9 @@ use clap::Args;
 use crate::cmd::Cmd;
 
 /// Seeds `cargo xtask test` runs on every CI build: two nodes through single and
-/// overlapping failures, then three nodes through single failures (overlapping failures
-/// with three nodes still break the simulator's invariant-5 ground truth, see the notes).
+/// overlapping failures (mixed by seed), then three nodes through single failures.
+/// Three nodes under overlapping failures still fail about 2 seeds in 1,000 (see
+/// docs/protocol.md, section 9), so that class is not in the CI budget yet.
 pub const SIM_CI_SEEDS: u64 = 2000;
 pub const SIM_CI_SEEDS_THREE_NODES: u64 = 500;
 

@@ -8,6 +8,7 @@
 //! 2 (record covers divergence, checked at every local write of a primary and by the final
 //! comparison), 3 (resync ends with identical replicas) and 5 (split brains are detected).
 
+pub mod demo;
 mod disk;
 mod truth;
 mod world;
