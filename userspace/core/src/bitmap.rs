@@ -17,7 +17,7 @@ pub struct RangePair {
 }
 
 impl RangePair {
-    fn new(tracks: usize) -> Self {
+    pub(crate) fn new(tracks: usize) -> Self {
         RangePair { bits: [bitvec![u64, Lsb0; 0; tracks], bitvec![u64, Lsb0; 0; tracks]], current: 0 }
     }
 
@@ -40,6 +40,40 @@ impl RangePair {
 
     pub(crate) fn parts(&self) -> &[Bits; 2] {
         &self.bits
+    }
+
+    /// Tracks in the range.
+    pub fn len(&self) -> usize {
+        self.bits[0].len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Current becomes old; an empty bitmap becomes current. Bits still in the previous old
+    /// bitmap (its clear never came) move into the new old one instead of being dropped: a
+    /// record may only ever over-approximate.
+    pub(crate) fn toggle(&mut self) {
+        let (cur, old) = (self.current, 1 - self.current);
+        let leftover = std::mem::take(&mut self.bits[old]);
+        self.bits[cur] |= &leftover;
+        self.bits[old] = leftover;
+        self.bits[old].fill(false);
+        self.current = old;
+    }
+
+    pub(crate) fn clear_old(&mut self) {
+        self.bits[1 - self.current].fill(false);
+    }
+
+    /// Sets bit `i` (a track's index within the range) of the current bitmap.
+    pub(crate) fn set_current(&mut self, i: usize, value: bool) {
+        self.bits[self.current].set(i, value);
+    }
+
+    pub(crate) fn set_old(&mut self, i: usize, value: bool) {
+        self.bits[1 - self.current].set(i, value);
     }
 }
 
@@ -77,8 +111,7 @@ impl DirtyMap {
     /// volume: callers hold spans checked by [`Geometry::span`].
     pub fn mark(&mut self, track: TrackId) {
         let (r, i) = self.locate(track);
-        let pair = &mut self.ranges[r];
-        pair.bits[pair.current].set(i, true);
+        self.ranges[r].set_current(i, true);
     }
 
     pub fn mark_span(&mut self, span: TrackSpan) {
@@ -94,24 +127,14 @@ impl DirtyMap {
         }
     }
 
-    /// Current becomes old; an empty bitmap becomes current. Bits still in the previous old
-    /// bitmap (its clear never came) move into the new old one instead of being dropped: the
-    /// record may only ever over-approximate.
+    /// Current becomes old in one range (see [`RangePair::toggle`]).
     pub fn toggle(&mut self, range: RangeId) {
-        let pair = &mut self.ranges[range as usize];
-        let (cur, old) = (pair.current, 1 - pair.current);
-        let leftover = std::mem::take(&mut pair.bits[old]);
-        pair.bits[cur] |= &leftover;
-        pair.bits[old] = leftover;
-        pair.bits[old].fill(false);
-        pair.current = old;
+        self.ranges[range as usize].toggle();
     }
 
     /// Forgets the old bitmap of a range: the peer has hardened everything it recorded.
     pub fn clear_old(&mut self, range: RangeId) {
-        let pair = &mut self.ranges[range as usize];
-        let old = 1 - pair.current;
-        pair.bits[old].fill(false);
+        self.ranges[range as usize].clear_old();
     }
 
     /// Clears a track in both bitmaps (it was copied to the peer and is known identical).

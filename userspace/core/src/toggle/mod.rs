@@ -36,9 +36,10 @@ pub mod selective;
 #[cfg(test)]
 mod model;
 
-use crate::bitmap::{Bits, DirtyMap};
+use crate::bitmap::{DirtyMap, RangePair};
 use crate::geometry::{Geometry, RangeId, TrackId};
 use crate::wire::Message;
+use bitvec::prelude::{BitSlice, Lsb0};
 use thiserror::Error;
 
 /// The messages of the toggling methods; the same names as in [`Message`].
@@ -196,72 +197,63 @@ impl RecordToggle {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Mirror {
     first: TrackId,
-    bits: [Bits; 2],
-    current: usize,
+    pair: RangePair,
 }
 
 impl Mirror {
     fn new(geometry: &Geometry, range: RangeId) -> Self {
         let tracks = geometry.tracks_in_range(range);
-        let empty = Bits::repeat(false, (tracks.end - tracks.start) as usize);
-        Mirror { first: tracks.start, bits: [empty.clone(), empty], current: 0 }
+        Mirror { first: tracks.start, pair: RangePair::new((tracks.end - tracks.start) as usize) }
     }
 
     fn index(&self, track: TrackId) -> usize {
         let i = track.checked_sub(self.first).map(|i| i as usize);
         match i {
-            Some(i) if i < self.bits[0].len() => i,
+            Some(i) if i < self.pair.len() => i,
             _ => panic!(
                 "track {track} is outside this range's tracks {}..{}",
                 self.first,
-                self.first + self.bits[0].len() as u64
+                self.first + self.pair.len() as u64
             ),
         }
     }
 
     fn in_current(&self, track: TrackId) -> bool {
-        self.bits[self.current][self.index(track)]
+        self.pair.current()[self.index(track)]
     }
 
     fn in_old(&self, track: TrackId) -> bool {
-        self.bits[1 - self.current][self.index(track)]
+        self.pair.old()[self.index(track)]
     }
 
     fn set_current(&mut self, track: TrackId, value: bool) {
         let i = self.index(track);
-        self.bits[self.current].set(i, value);
+        self.pair.set_current(i, value);
     }
 
     fn set_old(&mut self, track: TrackId, value: bool) {
         let i = self.index(track);
-        self.bits[1 - self.current].set(i, value);
+        self.pair.set_old(i, value);
     }
 
-    /// Current becomes old and an empty bitmap becomes current. Like the record's toggle,
-    /// it keeps uncleared old bits rather than drop them.
+    /// Like the record's toggle, it keeps uncleared old bits rather than drop them.
     fn toggle(&mut self) {
-        let (cur, old) = (self.current, 1 - self.current);
-        let leftover = std::mem::take(&mut self.bits[old]);
-        self.bits[cur] |= &leftover;
-        self.bits[old] = leftover;
-        self.bits[old].fill(false);
-        self.current = old;
+        self.pair.toggle();
     }
 
     fn clear_old(&mut self) {
-        let old = 1 - self.current;
-        self.bits[old].fill(false);
+        self.pair.clear_old();
     }
 
-    fn current(&self) -> &Bits {
-        &self.bits[self.current]
+    fn current(&self) -> &BitSlice<u64, Lsb0> {
+        self.pair.current()
     }
 
-    fn old(&self) -> &Bits {
-        &self.bits[1 - self.current]
+    fn old(&self) -> &BitSlice<u64, Lsb0> {
+        self.pair.old()
     }
 
-    fn tracks<'a>(&self, bits: &'a Bits) -> impl Iterator<Item = TrackId> + 'a {
+    fn tracks<'a>(&self, bits: &'a BitSlice<u64, Lsb0>) -> impl Iterator<Item = TrackId> + 'a {
         let first = self.first;
         bits.iter_ones().map(move |i| first + i as u64)
     }
