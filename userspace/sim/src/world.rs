@@ -12,6 +12,10 @@ use tandem_core::node::{Action, Event, IoError, IoId, Meta, Node, NodeConfig, Pa
 use tandem_core::wire::Message;
 use tandem_core::{ConnState, DiskState, Extent, Geometry, NodeId, Role};
 
+mod checks;
+mod operator;
+mod script;
+
 const TRACE_KEEP: usize = 80;
 
 #[derive(Debug)]
@@ -235,50 +239,6 @@ impl World {
         (0..self.cfg.nodes as NodeId).map(|p| node.and_then(|n| n.conn(p))).collect()
     }
 
-    /// Invariant 5, checked live: a handshake between two nodes that both wrote while
-    /// apart must never end in a resync.
-    fn after_conn_change(&mut self, id: NodeId, before: Vec<Option<ConnState>>) {
-        let after = self.conn_states(id);
-        for peer in self.peers_of(id) {
-            let (b, a) = (before[peer as usize], after[peer as usize]);
-            if b == Some(ConnState::Handshaking)
-                && matches!(a, Some(ConnState::SyncSource | ConnState::SyncTarget | ConnState::Connected))
-            {
-                let (x, y) = (id as usize, peer as usize);
-                // Only once both ends have decided: the other may still refuse (it takes one
-                // resync source at a time), and then nothing was reconciled.
-                let theirs = self.nodes[y].node.as_ref().and_then(|n| n.conn(id));
-                if !matches!(theirs, Some(ConnState::SyncSource | ConnState::SyncTarget | ConnState::Connected)) {
-                    continue;
-                }
-                if self.wrote_apart[x][y] && self.wrote_apart[y][x] {
-                    self.violate(
-                        "5 (split brain detected)",
-                        format!("nodes {id} and {peer} both wrote while apart, yet the handshake went on to {a:?}"),
-                    );
-                }
-                // The target becomes a copy of the source: it lacks and holds, relative to
-                // every other node, exactly what the source does.
-                let (source, target) = if a == Some(ConnState::SyncTarget) { (y, x) } else { (x, y) };
-                for z in 0..self.cfg.nodes {
-                    self.wrote_apart[target][z] = self.wrote_apart[source][z];
-                    self.wrote_apart[z][target] = self.wrote_apart[z][source];
-                }
-                self.wrote_apart[source][target] = false;
-                self.wrote_apart[target][source] = false;
-                self.log(format!("(truth) node {target} resyncs from node {source}"));
-                self.summary.resyncs += 1;
-            }
-        }
-    }
-
-    fn violate(&mut self, invariant: &'static str, detail: String) {
-        if self.violation.is_none() {
-            self.log(format!("VIOLATION of invariant {invariant}: {detail}"));
-            self.violation = Some((invariant, detail));
-        }
-    }
-
     fn drain(&mut self, id: NodeId) {
         loop {
             let Some(action) = self.nodes[id as usize].node.as_mut().and_then(|n| n.poll()) else { break };
@@ -337,80 +297,6 @@ impl World {
                 }
                 self.break_link(id, peer, Some(id), 100);
             }
-        }
-    }
-
-    /// Invariant 2, checked at the moment it matters: a primary writes locally only tracks
-    /// that every connected peer's record holds, or, apart, that its persisted metadata does.
-    fn check_record_covers(&mut self, id: NodeId, offset: u64, len: u64) {
-        let node = self.nodes[id as usize].node.as_ref().expect("alive");
-        if node.role() != Role::Primary {
-            return;
-        }
-        let span = self.geometry.span(Extent::new(offset, len)).expect("valid write");
-        let mut problems = Vec::new();
-        let mut apart = Vec::new();
-        let extent = Extent::new(offset, len);
-        let accepted = self.nodes[id as usize]
-            .host
-            .iter()
-            .find(|(_, e)| **e == Some(extent))
-            .and_then(|(h, _)| self.accepted_at.get(h))
-            .copied()
-            .unwrap_or(self.now);
-        let durable = &self.nodes[id as usize].disk.meta.out_of_sync;
-        for peer in self.peers_of(id) {
-            let replicating =
-                matches!(node.conn(peer), Some(ConnState::Connected | ConnState::SyncSource | ConnState::SyncTarget));
-            let link = &self.links[&key(id, peer)];
-            let peer_inc = if id < peer { link.incs.1 } else { link.incs.0 };
-            // A peer that crashed since it recorded anything covers nothing; this node's own
-            // record of it does (losing this node too would be a second failure).
-            let restarted_since = self.nodes[peer as usize].inc != peer_inc
-                || (self.nodes[peer as usize].inc > 0 && self.nodes[peer as usize].down_since > accepted);
-            let Some(record) =
-                self.nodes[peer as usize].node.as_ref().filter(|_| !restarted_since).and_then(|p| p.record(id))
-            else {
-                continue;
-            };
-            // Only this node's DestageDone clears the peer's record of it, so the record
-            // counts whether or not the connection still stands.
-            let peer_covers = |t: u64| record.is_marked(t);
-            let missing: Vec<u64> = span.tracks().filter(|t| !peer_covers(*t) && !durable[*t as usize]).collect();
-            if !missing.is_empty() {
-                problems.push(format!(
-                    "tracks {missing:?} are neither in node {peer}'s record nor in the persisted out_of_sync"
-                ));
-            }
-            // Covered only by out_of_sync is apart, unless the connection to that peer began
-            // after the write was accepted: its handshake's union then holds these tracks.
-            let reconciled = link.connected && link.connected_since > accepted;
-            if !replicating || (!reconciled && span.tracks().any(|t| !peer_covers(t) && durable[t as usize])) {
-                // Accepted while apart from the peer: the peer cannot see this write.
-                apart.push(peer);
-            }
-        }
-        // The peers this write was replicated to acknowledged receipt before it reached
-        // this node's device: they hold it too, and so hold what the absent peers lack.
-        let holders: Vec<NodeId> = std::iter::once(id)
-            .chain(self.peers_of(id).into_iter().filter(|p| {
-                matches!(node.conn(*p), Some(ConnState::Connected | ConnState::SyncSource | ConnState::SyncTarget))
-                    && !apart.contains(p)
-            }))
-            .collect();
-        for holder in holders {
-            for &absent in &apart {
-                if holder != absent && !self.wrote_apart[holder as usize][absent as usize] {
-                    self.wrote_apart[holder as usize][absent as usize] = true;
-                    self.log(format!("(truth) node {holder} now holds writes node {absent} lacks"));
-                }
-            }
-        }
-        if !problems.is_empty() && self.cfg.live_record_check {
-            self.violate(
-                "2 (record covers divergence)",
-                format!("primary {id} writes {len} bytes at {offset} locally, but {}", problems.join("; ")),
-            );
         }
     }
 
@@ -523,18 +409,6 @@ impl World {
         }
     }
 
-    /// An operator's `down` of a secondary: the node hardens and persists, then exits.
-    fn begin_shutdown(&mut self, id: NodeId) {
-        let secondary = self.nodes[id as usize].node.as_ref().is_some_and(|n| n.role() == Role::Secondary);
-        if !secondary || self.stopping.contains(&id) {
-            return;
-        }
-        self.log(format!("operator shuts node {id} down"));
-        self.nodes[id as usize].node.as_mut().expect("alive").shutdown().expect("a secondary shuts down");
-        self.stopping.push(id);
-        self.drain(id);
-    }
-
     fn healthy(&self) -> bool {
         self.nodes.iter().enumerate().all(|(i, n)| {
             n.node.as_ref().is_some_and(|node| {
@@ -608,186 +482,6 @@ impl World {
             if fua { " FUA" } else { "" }
         ));
         self.feed(p, Event::HostWrite { id: host_id, offset: extent.offset, data: payload_for(value, len), fua });
-    }
-
-    fn inject_fault(&mut self) {
-        if self.cfg.faults == FaultClass::Single && (self.faults_active > 0 || !self.healthy()) {
-            return;
-        }
-        let n = self.cfg.nodes as NodeId;
-        if self.rng.gen_bool(0.6) {
-            let victim = self.rng.gen_range(0..n);
-            if self.nodes[victim as usize].node.is_some() {
-                self.faults_active += 1;
-                match self.rng.gen_range(0..4) {
-                    0 => self.stop(victim, Stop::Kill),
-                    1 if self.nodes[victim as usize].node.as_ref().is_some_and(|n| n.role() == Role::Secondary) => {
-                        self.begin_shutdown(victim)
-                    }
-                    _ => self.crash(victim),
-                }
-            }
-        } else {
-            let a = self.rng.gen_range(0..n);
-            let b = (a + self.rng.gen_range(1..n)) % n;
-            let silent = self.rng.gen_bool(0.5);
-            let link = self.links.get_mut(&key(a, b)).expect("link");
-            if link.up {
-                link.up = false;
-                link.cut_since = self.now;
-                self.faults_active += 1;
-                self.log(format!("link {a}-{b} CUT ({})", if silent { "silent" } else { "reset" }));
-                self.break_link(a, b, None, if silent { 4_000 } else { 200 });
-            }
-        }
-    }
-
-    /// What an operator or cluster manager would do: restart, heal, fail over, fail back,
-    /// resolve refusals.
-    fn operate(&mut self) {
-        let chaos = self.cfg.faults == FaultClass::Chaos;
-        for id in 0..self.cfg.nodes as NodeId {
-            let n = &self.nodes[id as usize];
-            let failed = n.node.as_ref().is_some_and(|n| n.disk() == DiskState::Failed);
-            if failed {
-                self.log(format!("node {id} detached its failed disk; restarting it"));
-                self.crash(id);
-            } else if n.node.is_none() && self.now - n.down_since > 2_000 && self.rng.gen_bool(0.5) {
-                self.boot(id);
-                self.faults_active = self.faults_active.saturating_sub(1);
-                self.reconnect_all(id);
-            }
-        }
-        let keys: Vec<(NodeId, NodeId)> = self.links.keys().copied().collect();
-        for (a, b) in keys {
-            let link = &self.links[&(a, b)];
-            if !link.up && self.now - link.cut_since > 2_000 && self.rng.gen_bool(0.5) {
-                self.links.get_mut(&(a, b)).expect("link").up = true;
-                self.faults_active = self.faults_active.saturating_sub(1);
-                self.log(format!("link {a}-{b} heals"));
-                self.schedule(300, Ev::Connect { a, b });
-            }
-        }
-        self.failover(chaos);
-        self.resolve_refusals();
-        if !chaos && self.healthy() && self.rng.gen_bool(0.1) {
-            self.failback();
-        }
-    }
-
-    /// Promotes a secondary when no primary runs: in the single-failure class only when the
-    /// primary is really down (a cluster manager with fencing); in chaos, whenever this node
-    /// cannot see a primary, which makes split brains.
-    fn failover(&mut self, chaos: bool) {
-        if self.primary().is_some() && !chaos {
-            return;
-        }
-        let n = self.cfg.nodes as NodeId;
-        let candidate = self.rng.gen_range(0..n);
-        let Some(node) = self.nodes[candidate as usize].node.as_mut() else { return };
-        if node.role() == Role::Primary {
-            return;
-        }
-        let sees_primary = (0..n).any(|p| node.peer_state(p).is_some_and(|s| s.role == Role::Primary));
-        if chaos && (sees_primary || !self.rng.gen_bool(0.2)) {
-            return;
-        }
-        let force = chaos && self.rng.gen_bool(0.3);
-        if node.promote(force).is_ok() {
-            self.log(format!("operator promotes node {candidate}{}", if force { " --force" } else { "" }));
-            self.drain(candidate);
-        }
-    }
-
-    /// Promotes the best live replica: an UpToDate one if any, else (forced) a valid one.
-    fn elect_primary(&mut self) {
-        let any_up_to_date =
-            self.nodes.iter().any(|n| n.node.as_ref().is_some_and(|n| n.disk() == DiskState::UpToDate));
-        // Forcing a stale replica while a current one lives would throw writes away.
-        let attempts: &[bool] = if any_up_to_date { &[false] } else { &[false, true] };
-        for &force in attempts {
-            for id in 0..self.cfg.nodes as NodeId {
-                let Some(node) = self.nodes[id as usize].node.as_mut() else { continue };
-                let valid = !matches!(node.disk(), DiskState::Inconsistent | DiskState::Failed);
-                if valid && node.promote(force).is_ok() {
-                    self.log(format!("operator elects node {id} primary{}", if force { " --force" } else { "" }));
-                    self.drain(id);
-                    return;
-                }
-            }
-        }
-    }
-
-    fn failback(&mut self) {
-        let Some(p) = self.primary() else { return };
-        let other = (p + 1) % self.cfg.nodes as NodeId;
-        if self.nodes[p as usize].node.as_mut().expect("alive").demote().is_ok() {
-            self.drain(p);
-            self.log(format!("operator switches primary {p} -> {other}"));
-            if self.nodes[other as usize].node.as_mut().expect("alive").promote(false).is_ok() {
-                self.drain(other);
-            } else {
-                self.nodes[p as usize].node.as_mut().expect("alive").promote(false).expect("was primary");
-                self.drain(p);
-            }
-        }
-    }
-
-    /// Stand-alone pairs (a split brain or another refusal): the DRBD way, the operator
-    /// picks a victim, discards its data (`invalidate`) and connects again.
-    fn resolve_refusals(&mut self) {
-        let primaries =
-            self.nodes.iter().filter(|n| n.node.as_ref().is_some_and(|n| n.role() == Role::Primary)).count();
-        let keys: Vec<(NodeId, NodeId)> = self.links.keys().copied().collect();
-        for (a, b) in keys {
-            let (Some(na), Some(nb)) = (self.nodes[a as usize].node.as_ref(), self.nodes[b as usize].node.as_ref())
-            else {
-                continue;
-            };
-            if na.conn(b) != Some(ConnState::StandAlone) && nb.conn(a) != Some(ConnState::StandAlone) {
-                continue;
-            }
-            let good = |n: &Node| n.disk() != DiskState::Failed;
-            if !good(na) || !good(nb) {
-                continue;
-            }
-            // Split primaries first: until one of them steps down, a secondary between them
-            // rightly refuses the second.
-            if primaries > 1 && !(na.role() == Role::Primary && nb.role() == Role::Primary) {
-                continue;
-            }
-            // Keep the primary's data, else the better disk, else a's.
-            let victim = match (na.role(), nb.role()) {
-                (Role::Primary, Role::Secondary) => b,
-                (Role::Secondary, Role::Primary) => a,
-                _ if na.disk() == DiskState::Inconsistent && nb.disk() != DiskState::Inconsistent => a,
-                _ => b,
-            };
-            let keeper = if victim == a { b } else { a };
-            let v = self.nodes[victim as usize].node.as_mut().expect("alive");
-            if v.role() == Role::Primary && v.demote().is_err() {
-                continue;
-            }
-            if v.invalidate().is_err() {
-                continue;
-            }
-            v.reconnect(keeper);
-            self.drain(victim);
-            let k = self.nodes[keeper as usize].node.as_mut().expect("alive");
-            if matches!(k.disk(), DiskState::Inconsistent | DiskState::Outdated | DiskState::Consistent) {
-                let _ = k.promote(true);
-                let _ = k.demote();
-            }
-            k.reconnect(victim);
-            self.drain(keeper);
-            // The victim is blank now: it holds nothing any node lacks.
-            for z in 0..self.cfg.nodes {
-                self.wrote_apart[victim as usize][z] = false;
-            }
-            self.wrote_apart[keeper as usize][victim as usize] = false;
-            self.log(format!("operator resolves {a}-{b}: node {victim} discards its data"));
-            self.schedule(300, Ev::Connect { a, b });
-        }
     }
 
     fn reconnect_all(&mut self, id: NodeId) {
@@ -954,35 +648,6 @@ impl World {
         }
         Ok(())
     }
-
-    fn check_end(&mut self) -> Result<(), (&'static str, String)> {
-        let images: Vec<Vec<u64>> = self.nodes.iter().map(|n| n.disk.image()).collect();
-        for (i, img) in images.iter().enumerate().skip(1) {
-            let diff: Vec<String> = img
-                .iter()
-                .zip(&images[0])
-                .enumerate()
-                .filter(|(_, (a, b))| a != b)
-                .take(8)
-                .map(|(blk, (a, b))| {
-                    format!("block {blk} (track {}): node 0 has {b}, node {i} has {a}", blk as u64 * BLOCK / 4096)
-                })
-                .collect();
-            if !diff.is_empty() {
-                return Err(("2/3 (resync leaves identical replicas)", diff.join("; ")));
-            }
-        }
-        if self.cfg.faults == FaultClass::Single {
-            let lost = self.truth.lost_blocks(&images[0]);
-            if !lost.is_empty() {
-                let shown: Vec<String> = lost.into_iter().take(6).collect();
-                return Err(("1 (no acknowledged write lost)", shown.join("; ")));
-            }
-        }
-        self.summary.host_writes = self.truth.issued;
-        self.summary.acknowledged = self.truth.acknowledged;
-        Ok(())
-    }
 }
 
 fn describe(msg: &Message) -> String {
@@ -1007,85 +672,5 @@ fn describe(msg: &Message) -> String {
             s.crashed
         ),
         other => format!("{other:?}"),
-    }
-}
-
-/// Scripted control, for the narrated demo: the same world, driven step by step instead of
-/// by the random scenario.
-impl World {
-    /// A host write of `blocks` blocks at `block` on node `id`; returns its value.
-    pub(crate) fn script_write(&mut self, id: NodeId, block: u64, blocks: u64) -> u64 {
-        let host_id = self.next_host_id;
-        self.next_host_id += 1;
-        let value = self.next_value;
-        self.next_value += 1;
-        let extent = Extent::new(block * BLOCK, blocks * BLOCK);
-        self.truth.issue(host_id, value, extent);
-        self.nodes[id as usize].host.insert(host_id, Some(extent));
-        self.accepted_at.insert(host_id, self.now);
-        self.feed(
-            id,
-            Event::HostWrite { id: host_id, offset: extent.offset, data: payload_for(value, blocks), fua: false },
-        );
-        value
-    }
-
-    /// Runs events until `done` holds (checked after each event) or `ticks` pass.
-    pub(crate) fn script_run_until(&mut self, ticks: u64, done: impl Fn(&World) -> bool) -> bool {
-        let deadline = self.now + ticks;
-        while !done(self) {
-            if self.now > deadline || !self.next_event() {
-                return false;
-            }
-        }
-        true
-    }
-
-    pub(crate) fn script_host_pending(&self, id: NodeId) -> usize {
-        self.nodes[id as usize].host.len()
-    }
-
-    pub(crate) fn script_crash(&mut self, id: NodeId) {
-        self.crash(id);
-    }
-
-    pub(crate) fn script_boot(&mut self, id: NodeId) {
-        self.boot(id);
-        self.reconnect_all(id);
-    }
-
-    pub(crate) fn script_admin(
-        &mut self,
-        id: NodeId,
-        f: impl FnOnce(&mut Node) -> Result<(), tandem_core::node::AdminError>,
-    ) -> Result<(), tandem_core::node::AdminError> {
-        let node = self.nodes[id as usize].node.as_mut().expect("node is up");
-        let result = f(node);
-        self.drain(id);
-        result
-    }
-
-    pub(crate) fn script_node(&self, id: NodeId) -> Option<&Node> {
-        self.nodes[id as usize].node.as_ref()
-    }
-
-    pub(crate) fn script_image(&self, id: NodeId) -> Vec<u64> {
-        self.nodes[id as usize].disk.image()
-    }
-
-    pub(crate) fn script_lost(&self, image: &[u64]) -> Vec<String> {
-        self.truth.lost_blocks(image)
-    }
-
-    pub(crate) fn script_settled(&self) -> bool {
-        self.settled()
-    }
-
-    pub(crate) fn script_resync_shipped(&self) -> u64 {
-        self.last_resync_shipped
-    }
-
-    pub(crate) fn script_messages(&self) -> u64 {
-        self.summary.messages
     }
 }
