@@ -3,6 +3,7 @@
 use super::connect::{decide, Plan};
 use super::*;
 use crate::types::{GenId, Generations};
+use bytes::Bytes;
 use proptest::prelude::*;
 
 fn geometry() -> Geometry {
