@@ -78,8 +78,9 @@ fn ensure_tools() -> Result<Runner> {
 fn run_tests(runner: Runner) -> Result<()> {
     match runner {
         Runner::Nextest => {
-            Cmd::cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]).run()?;
-            Cmd::cargo().args(["test", "--workspace", "--doc"]).run()
+            // Doc tests first, so the log's last test summary is nextest's, with the count.
+            Cmd::cargo().args(["test", "--workspace", "--doc"]).run()?;
+            Cmd::cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]).run()
         }
         Runner::CargoTest => Cmd::cargo().args(["test", "--workspace", "--no-fail-fast"]).run(),
     }

@@ -96,6 +96,7 @@ fn main() -> ExitCode {
         splits,
         seeds.len() as f64 / secs.max(1e-9)
     );
+    println!("sim: {} passed, {} failed", seeds.len() as u64 - failed, failed);
     if failed > 0 {
         ExitCode::FAILURE
     } else {
