@@ -1,0 +1,181 @@
+//! An established link: a reader (the calling thread) and a writer thread on one socket.
+//!
+//! The reader is the only thread that delivers messages, and it returns the reason the
+//! link ended only after its last delivery, which is what lets the caller promise "no
+//! `Message` after `Lost`". Anything else that wants the link gone (the writer on a send
+//! error, `Net::disconnect`, shutdown, a queue overflow) calls [`Closer::close`]: it
+//! records the first reason and shuts the socket down, which wakes the reader.
+
+use crate::error::LinkError;
+use crate::frames::{FrameReader, ReadError};
+use crate::queue::{Popped, PushError, SendQueue};
+use std::io::{self, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+use tandem_core::types::NodeId;
+use tandem_core::wire::{encode, Message};
+use tracing::{debug, trace};
+
+/// Frames the writer packs into one `write` when they are queued together.
+const BATCH_BYTES: usize = 256 * 1024;
+
+/// Ends a link from any thread; the first reason given is the one reported.
+pub(crate) struct Closer {
+    stream: TcpStream,
+    queue: Arc<SendQueue>,
+    reason: Mutex<Option<LinkError>>,
+}
+
+impl Closer {
+    pub fn new(stream: TcpStream, queue: Arc<SendQueue>) -> Closer {
+        Closer { stream, queue, reason: Mutex::new(None) }
+    }
+
+    pub fn close(&self, reason: LinkError) {
+        {
+            let mut r = self.reason.lock().unwrap_or_else(PoisonError::into_inner);
+            if r.is_none() {
+                *r = Some(reason);
+            }
+        }
+        self.queue.close();
+        // Wakes the reader (its read returns) and the writer (its write fails).
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
+    fn take_reason(&self) -> Option<LinkError> {
+        self.reason.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+}
+
+/// What the link needs to know about its session.
+#[derive(Clone, Copy)]
+pub(crate) struct Session {
+    pub peer: NodeId,
+    pub volume: u64,
+    pub keepalive: Duration,
+    pub timeout: Duration,
+    pub send_seq: u64,
+    pub recv_seq: u64,
+}
+
+/// Runs the link until it ends and returns why. `deliver` gets every message that is not
+/// keepalive traffic, in the order received.
+pub(crate) fn run(
+    stream: TcpStream,
+    reader: FrameReader,
+    session: Session,
+    queue: Arc<SendQueue>,
+    closer: Arc<Closer>,
+    deliver: &mut dyn FnMut(Message),
+) -> LinkError {
+    // One read timeout covers "nothing arrives for `timeout`": the peer pings every
+    // `keepalive` when it has nothing else to say, so a read that waits longer means the
+    // peer or the path is gone. The write timeout catches a send that makes no progress.
+    let timeouts =
+        stream.set_read_timeout(Some(session.timeout)).and_then(|()| stream.set_write_timeout(Some(session.timeout)));
+    if let Err(e) = timeouts {
+        closer.close(LinkError::Read(e));
+        return ended_reason(&closer);
+    }
+    let epoch = Instant::now();
+    let writer = stream.try_clone().and_then(|out| {
+        let (queue, closer) = (queue.clone(), closer.clone());
+        thread::Builder::new()
+            .name(format!("tandem-net-tx{}", session.peer))
+            .spawn(move || write_loop(out, session, epoch, &queue, &closer))
+    });
+    let ended = match writer {
+        Ok(writer) => {
+            let ended = read_loop(&stream, reader, &session, &queue, epoch, deliver);
+            closer.close(ended);
+            let _ = writer.join();
+            ended_reason(&closer)
+        }
+        Err(e) => {
+            closer.close(LinkError::Write(e));
+            ended_reason(&closer)
+        }
+    };
+    debug!(peer = session.peer, "link ended: {ended}");
+    ended
+}
+
+fn ended_reason(closer: &Closer) -> LinkError {
+    closer.take_reason().expect("close() was called before")
+}
+
+fn read_loop(
+    stream: &TcpStream,
+    mut reader: FrameReader,
+    s: &Session,
+    queue: &SendQueue,
+    epoch: Instant,
+    deliver: &mut dyn FnMut(Message),
+) -> LinkError {
+    let mut expected = s.recv_seq;
+    loop {
+        let frame = match reader.next_frame(&mut &*stream) {
+            Ok(frame) => frame,
+            Err(ReadError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return LinkError::Silent(s.timeout),
+            Err(ReadError::Io(e)) => return LinkError::Read(e),
+            Err(ReadError::Closed { buffered: 0 }) => return LinkError::PeerClosed,
+            Err(ReadError::Closed { buffered }) => return LinkError::Truncated { buffered },
+            Err(ReadError::Decode(e)) => return LinkError::Decode(e),
+        };
+        if frame.header.volume != s.volume {
+            return LinkError::WrongVolume { ours: s.volume, theirs: frame.header.volume };
+        }
+        // TCP neither loses nor reorders, so a gap means a broken sender (or a tampered
+        // stream): nothing after it can be trusted to mean what the protocol says.
+        if frame.header.seq != expected {
+            return LinkError::SeqGap { expected, got: frame.header.seq };
+        }
+        expected = expected.wrapping_add(1);
+        match frame.message {
+            Message::Ping { nonce } => match queue.push(Message::Pong { nonce }) {
+                Ok(()) | Err(PushError::Closed) => {}
+                Err(PushError::Full { queued }) => return LinkError::QueueFull { queued, limit: queue.limit() },
+            },
+            Message::Pong { nonce } => {
+                let rtt = Duration::from_micros((epoch.elapsed().as_micros() as u64).saturating_sub(nonce));
+                trace!(peer = s.peer, ?rtt, "pong");
+            }
+            Message::Hello(_) => return LinkError::LateHandshake("Hello"),
+            Message::HelloAck { .. } => return LinkError::LateHandshake("HelloAck"),
+            msg => deliver(msg),
+        }
+    }
+}
+
+fn write_loop(mut stream: TcpStream, s: Session, epoch: Instant, queue: &SendQueue, closer: &Closer) {
+    let mut seq = s.send_seq;
+    let mut out = Vec::new();
+    loop {
+        let batch = match queue.pop_batch(BATCH_BYTES, s.keepalive) {
+            Popped::Closed => return,
+            Popped::Batch(batch) => batch,
+            // The nonce is our send time, so the `Pong` tells the round-trip time.
+            Popped::Idle => vec![Message::Ping { nonce: epoch.elapsed().as_micros() as u64 }],
+        };
+        out.clear();
+        for msg in &batch {
+            if let Err(source) = encode(s.volume, seq, msg, &mut out) {
+                // Skipping the message would leave the peer's view of the stream silently
+                // wrong; a dropped link is noticed and recovered from.
+                closer.close(LinkError::Encode { message: msg.name(), source });
+                return;
+            }
+            seq = seq.wrapping_add(1);
+        }
+        if let Err(e) = stream.write_all(&out) {
+            closer.close(match e.kind() {
+                io::ErrorKind::WouldBlock => LinkError::Stalled(s.timeout),
+                _ => LinkError::Write(e),
+            });
+            return;
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! The daemon's TOML configuration: one volume, this node, its peers.
+//!
+//! Bad input gets an error naming the file, the field and the reason, and changes nothing.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use tandem_core::{Geometry, Mode, NodeId};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read { file: PathBuf, source: std::io::Error },
+    #[error("{file}: {message}")]
+    Parse { file: PathBuf, message: String },
+    #[error("{file}: {field}: {reason}")]
+    Invalid { file: PathBuf, field: &'static str, reason: String },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    volume: RawVolume,
+    node: RawNode,
+    #[serde(default, rename = "peer")]
+    peers: Vec<RawPeer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVolume {
+    name: String,
+    id: u64,
+    size: String,
+    #[serde(default = "default_block_size")]
+    block_size: u32,
+    #[serde(default = "default_track_size")]
+    track_size: String,
+    #[serde(default = "default_tracks_per_range")]
+    tracks_per_range: u32,
+    #[serde(default = "default_mode")]
+    mode: String,
+    secret: Option<String>,
+    secret_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    id: NodeId,
+    data: PathBuf,
+    meta: PathBuf,
+    listen: String,
+    control: Option<PathBuf>,
+    mountpoint: Option<PathBuf>,
+    #[serde(default = "default_frontend")]
+    frontend: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    id: NodeId,
+    address: String,
+}
+
+fn default_block_size() -> u32 {
+    4096
+}
+fn default_track_size() -> String {
+    "64KiB".into()
+}
+fn default_tracks_per_range() -> u32 {
+    Geometry::DEFAULT_TRACKS_PER_RANGE
+}
+fn default_mode() -> String {
+    "memory".into()
+}
+fn default_frontend() -> String {
+    "file".into()
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub file: PathBuf,
+    pub volume: String,
+    pub volume_id: u64,
+    pub geometry: Geometry,
+    pub mode: Mode,
+    pub secret: Vec<u8>,
+    pub node: NodeId,
+    pub data: PathBuf,
+    pub meta: PathBuf,
+    pub listen: SocketAddr,
+    pub control: PathBuf,
+    pub mountpoint: PathBuf,
+    pub peers: Vec<(NodeId, SocketAddr)>,
+}
+
+/// Parses sizes like `256MiB`, `1GiB`, `4096`, `64KiB`, `10G` (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| format!("'{s}' is not a size (e.g. 256MiB, 1GiB, 4096)"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" | "k" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        "T" | "TiB" => 1 << 40,
+        other => return Err(format!("unknown size unit '{other}' in '{s}' (use KiB, MiB, GiB, TiB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
+}
+
+impl Config {
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(file).map_err(|source| ConfigError::Read { file: file.to_owned(), source })?;
+        Self::parse(file, &text)
+    }
+
+    pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: Raw =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { file: file.to_owned(), message: e.to_string() })?;
+        let invalid =
+            |field: &'static str, reason: String| ConfigError::Invalid { file: file.to_owned(), field, reason };
+        let size = parse_size(&raw.volume.size).map_err(|r| invalid("volume.size", r))?;
+        let track = parse_size(&raw.volume.track_size).map_err(|r| invalid("volume.track_size", r))?;
+        let track = u32::try_from(track).map_err(|_| invalid("volume.track_size", "at most 4 MiB".into()))?;
+        let geometry = Geometry::new(size, raw.volume.block_size, track, raw.volume.tracks_per_range)
+            .map_err(|e| invalid("volume", e.to_string()))?;
+        let mode = match raw.volume.mode.as_str() {
+            "memory" => Mode::Memory,
+            "disk" => Mode::Disk,
+            "async" | "predictive" => {
+                return Err(invalid("volume.mode", format!("'{}' is not built yet (memory, disk)", raw.volume.mode)))
+            }
+            other => return Err(invalid("volume.mode", format!("unknown mode '{other}' (memory, disk)"))),
+        };
+        let secret = match (raw.volume.secret, raw.volume.secret_file) {
+            (Some(s), None) => s.into_bytes(),
+            (None, Some(path)) => std::fs::read(&path)
+                .map_err(|e| invalid("volume.secret_file", format!("{}: {e}", path.display())))?
+                .trim_ascii()
+                .to_vec(),
+            (Some(_), Some(_)) => return Err(invalid("volume.secret", "give secret or secret_file, not both".into())),
+            (None, None) => return Err(invalid("volume.secret", "missing: peers authenticate with it".into())),
+        };
+        if secret.len() < 16 {
+            return Err(invalid("volume.secret", format!("{} bytes is too short (at least 16)", secret.len())));
+        }
+        if raw.node.frontend != "file" {
+            return Err(invalid("node.frontend", format!("'{}' is not available here (file)", raw.node.frontend)));
+        }
+        let listen =
+            raw.node.listen.parse().map_err(|e| invalid("node.listen", format!("'{}': {e}", raw.node.listen)))?;
+        let mut peers = Vec::new();
+        for p in &raw.peers {
+            let addr = p.address.parse().map_err(|e| invalid("peer.address", format!("'{}': {e}", p.address)))?;
+            if p.id == raw.node.id || peers.iter().any(|(id, _)| *id == p.id) {
+                return Err(invalid("peer.id", format!("node id {} appears twice", p.id)));
+            }
+            peers.push((p.id, addr));
+        }
+        if peers.is_empty() {
+            return Err(invalid("peer", "at least one [[peer]] is needed".into()));
+        }
+        if peers.len() > 2 {
+            return Err(invalid("peer", format!("{} peers: at most 2 are supported", peers.len())));
+        }
+        let name = raw.volume.name;
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return Err(invalid("volume.name", format!("'{name}': use letters, digits, '-' and '_'")));
+        }
+        Ok(Config {
+            file: file.to_owned(),
+            control: raw.node.control.unwrap_or_else(|| PathBuf::from(format!("/run/tandem/{name}.sock"))),
+            mountpoint: raw.node.mountpoint.unwrap_or_else(|| PathBuf::from(format!("/run/tandem/{name}"))),
+            volume: name,
+            volume_id: raw.volume.id,
+            geometry,
+            mode,
+            secret,
+            node: raw.node.id,
+            data: raw.node.data,
+            meta: raw.node.meta,
+            listen,
+            peers,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[volume]
+name = "vol0"
+id = 7
+size = "64MiB"
+mode = "disk"
+secret = "0123456789abcdef0123"
+
+[node]
+id = 0
+data = "/tmp/a.img"
+meta = "/tmp/a.meta"
+listen = "127.0.0.1:7788"
+
+[[peer]]
+id = 1
+address = "127.0.0.1:7789"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/tandem/vol0.toml"), text)
+    }
+
+    #[test]
+    fn a_good_config_parses_with_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.geometry.volume_size(), 64 << 20);
+        assert_eq!(c.geometry.track_size(), 64 << 10);
+        assert_eq!(c.mode, Mode::Disk);
+        assert_eq!(c.control, PathBuf::from("/run/tandem/vol0.sock"));
+        assert_eq!(c.peers, vec![(1, "127.0.0.1:7789".parse().unwrap())]);
+    }
+
+    #[test]
+    fn errors_name_the_file_the_field_and_the_reason() {
+        let bad = GOOD.replace("size = \"64MiB\"", "size = \"64 parsecs\"");
+        let e = parse(&bad).unwrap_err().to_string();
+        assert!(e.starts_with("/etc/tandem/vol0.toml: volume.size:"), "{e}");
+        assert!(e.contains("unknown size unit"), "{e}");
+
+        let e = parse(&GOOD.replace("mode = \"disk\"", "mode = \"async\"")).unwrap_err().to_string();
+        assert!(e.contains("volume.mode") && e.contains("not built yet"), "{e}");
+
+        let e = parse(&GOOD.replace("listen = \"127.0.0.1:7788\"", "listen = \"nowhere\"")).unwrap_err().to_string();
+        assert!(e.contains("node.listen"), "{e}");
+
+        let e =
+            parse(&GOOD.replace("secret = \"0123456789abcdef0123\"", "secret = \"short\"")).unwrap_err().to_string();
+        assert!(e.contains("volume.secret") && e.contains("too short"), "{e}");
+
+        let e = parse(&GOOD.replace("[node]", "[node]\ncolour = \"red\"")).unwrap_err().to_string();
+        assert!(e.contains("/etc/tandem/vol0.toml") && e.contains("colour"), "{e}");
+
+        let e = parse(&GOOD.replace("size = \"64MiB\"", "size = \"1000\"")).unwrap_err().to_string();
+        assert!(e.contains("volume:") && e.contains("multiple of the block size"), "{e}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}

@@ -1,0 +1,260 @@
+//! The daemon: one thread runs the node's state machine; everything else (the frontend's
+//! FUSE threads, the network links, the store's completions, the control socket) talks to
+//! it through one channel, so the protocol logic stays single-threaded and sans-IO.
+
+use crate::config::Config;
+use crate::control::{DirtyRun, PeerView, Reply, Request, StatusView};
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tandem_core::node::{Action, Event, HostError, HostIoId, IoError, IoId, Node, NodeConfig, Timer};
+use tandem_core::wire::Message;
+use tandem_core::{NodeId, Role};
+
+/// A host request from the frontend.
+#[derive(Debug)]
+pub enum HostOp {
+    Write { offset: u64, data: Bytes, fua: bool },
+    Discard { offset: u64, len: u64 },
+    WriteZeroes { offset: u64, len: u64 },
+    Flush,
+}
+
+/// What the node's thread receives.
+pub enum Input {
+    Host { op: HostOp, reply: Sender<Result<(), HostError>> },
+    Connected(NodeId),
+    Lost(NodeId, String),
+    Message(NodeId, Message),
+    IoDone { io: IoId, result: Result<Option<Bytes>, IoError> },
+    Control { request: Request, reply: Sender<Reply> },
+}
+
+/// The node's side of the edges: where actions go.
+pub trait Edges {
+    fn submit_io(&mut self, action: Action);
+    fn send(&mut self, peer: NodeId, msg: Message);
+    fn disconnect(&mut self, peer: NodeId, stand_alone: bool);
+    fn reconnect(&mut self, peer: NodeId);
+    fn device(&self) -> Option<String>;
+}
+
+pub struct Daemon<E: Edges> {
+    config: Config,
+    node: Node,
+    edges: E,
+    rx: Receiver<Input>,
+    host: HashMap<HostIoId, Sender<Result<(), HostError>>>,
+    next_host: HostIoId,
+    timers: Vec<(u64, Timer)>,
+    start: Instant,
+    /// Shared with the frontend, which serves reads only on the primary.
+    primary: Arc<AtomicBool>,
+    down: Option<Sender<Reply>>,
+}
+
+impl<E: Edges> Daemon<E> {
+    pub fn new(
+        config: Config,
+        meta: tandem_core::node::Meta,
+        edges: E,
+        rx: Receiver<Input>,
+        primary: Arc<AtomicBool>,
+    ) -> Result<Self> {
+        let peers = config.peers.iter().map(|(id, _)| *id).collect();
+        let node_config = NodeConfig::new(config.node, peers, config.geometry, config.mode);
+        let node = Node::new(node_config, meta, random_seed()).context("starting the replication state machine")?;
+        Ok(Daemon {
+            config,
+            node,
+            edges,
+            rx,
+            host: HashMap::new(),
+            next_host: 1,
+            timers: Vec::new(),
+            start: Instant::now(),
+            primary,
+            down: None,
+        })
+    }
+
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    /// Runs until `tandem down` completes or every sender is gone.
+    pub fn run(mut self) -> Result<()> {
+        let now = self.now();
+        self.node.start(now);
+        self.apply();
+        loop {
+            let now = self.now();
+            let next = self.timers.iter().map(|(at, _)| *at).min().unwrap_or(now + 1_000_000_000);
+            match self.rx.recv_timeout(Duration::from_nanos(next.saturating_sub(now))) {
+                Ok(input) => self.on_input(input),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+            self.fire_timers();
+            self.apply();
+            if self.down.is_some() && self.node.is_down() {
+                tracing::info!("orderly shutdown complete");
+                if let Some(reply) = self.down.take() {
+                    let _ = reply.send(Reply::Ok);
+                }
+                return Ok(());
+            }
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        let now = self.now();
+        self.node.handle(now, event);
+    }
+
+    fn on_input(&mut self, input: Input) {
+        match input {
+            Input::Host { op, reply } => {
+                let id = self.next_host;
+                self.next_host += 1;
+                self.host.insert(id, reply);
+                let event = match op {
+                    HostOp::Write { offset, data, fua } => Event::HostWrite { id, offset, data, fua },
+                    HostOp::Discard { offset, len } => Event::HostDiscard { id, offset, len, zeroes: false },
+                    HostOp::WriteZeroes { offset, len } => Event::HostDiscard { id, offset, len, zeroes: true },
+                    HostOp::Flush => Event::HostFlush { id },
+                };
+                self.handle(event);
+            }
+            Input::Connected(peer) => {
+                tracing::info!(peer, "peer connected");
+                self.handle(Event::PeerConnected { peer });
+            }
+            Input::Lost(peer, reason) => {
+                tracing::warn!(peer, %reason, "peer lost");
+                self.handle(Event::PeerLost { peer });
+            }
+            Input::Message(peer, msg) => self.handle(Event::Received { peer, msg }),
+            Input::IoDone { io, result } => self.handle(Event::IoDone { io, result }),
+            Input::Control { request, reply } => self.control(request, reply),
+        }
+    }
+
+    fn fire_timers(&mut self) {
+        let now = self.now();
+        let (due, later): (Vec<_>, Vec<_>) = self.timers.drain(..).partition(|(at, _)| *at <= now);
+        self.timers = later;
+        for (_, timer) in due {
+            self.handle(Event::Timer(timer));
+        }
+    }
+
+    /// Carries out everything the node asked for.
+    fn apply(&mut self) {
+        while let Some(action) = self.node.poll() {
+            match action {
+                a @ (Action::WriteLocal { .. }
+                | Action::ReadLocal { .. }
+                | Action::Harden { .. }
+                | Action::PersistMeta { .. }) => self.edges.submit_io(a),
+                Action::Send { peer, msg } => self.edges.send(peer, msg),
+                Action::CompleteHost { id, result } => {
+                    if let Some(reply) = self.host.remove(&id) {
+                        let _ = reply.send(result);
+                    }
+                }
+                Action::SetTimer { timer, at } => self.timers.push((at, timer)),
+                Action::Disconnect { peer, reason, stand_alone } => {
+                    tracing::warn!(peer, %reason, stand_alone, "dropping the connection");
+                    self.edges.disconnect(peer, stand_alone);
+                }
+            }
+        }
+        self.primary.store(self.node.role() == Role::Primary, Ordering::Release);
+    }
+
+    fn control(&mut self, request: Request, reply: Sender<Reply>) {
+        let admin = |r: Result<(), tandem_core::node::AdminError>| match r {
+            Ok(()) => Reply::Ok,
+            Err(e) => Reply::Error { message: e.to_string() },
+        };
+        let answer = match request {
+            Request::Status => Reply::Status(self.status()),
+            Request::Dirty => Reply::Dirty { track_size: self.config.geometry.track_size(), runs: self.dirty() },
+            Request::Primary { force } => admin(self.node.promote(force)),
+            Request::Secondary => admin(self.node.demote()),
+            Request::Invalidate => admin(self.node.invalidate()),
+            Request::Connect => {
+                for (peer, _) in self.config.peers.clone() {
+                    self.node.reconnect(peer);
+                    self.edges.reconnect(peer);
+                }
+                Reply::Ok
+            }
+            Request::Down => match self.node.shutdown() {
+                Ok(()) => {
+                    // Answered once the metadata says clean.
+                    self.down = Some(reply);
+                    return;
+                }
+                Err(e) => Reply::Error { message: e.to_string() },
+            },
+        };
+        let _ = reply.send(answer);
+    }
+
+    fn status(&self) -> StatusView {
+        let s = self.node.status();
+        let track = u64::from(self.config.geometry.track_size());
+        StatusView {
+            volume: self.config.volume.clone(),
+            node: s.node,
+            role: s.role.to_string(),
+            disk: s.disk.to_string(),
+            mode: format!("{:?}", s.mode).to_lowercase(),
+            device: self.edges.device(),
+            generation: format!("{:#018x}", s.generations.current),
+            peers: s
+                .peers
+                .iter()
+                .map(|p| PeerView {
+                    peer: p.peer,
+                    connection: p.conn.to_string(),
+                    role: p.role.map(|r| r.to_string()),
+                    disk: p.disk.map(|d| d.to_string()),
+                    out_of_sync_tracks: p.out_of_sync_tracks,
+                    out_of_sync_bytes: p.out_of_sync_tracks * track,
+                    resync: p.resync,
+                })
+                .collect(),
+        }
+    }
+
+    fn dirty(&self) -> Vec<DirtyRun> {
+        let mut runs = Vec::new();
+        for (peer, _) in &self.config.peers {
+            if let Some(record) = self.node.record(*peer) {
+                runs.extend(record.union_runs().map(|r| DirtyRun {
+                    peer: *peer,
+                    first_track: r.first,
+                    tracks: r.count,
+                }));
+            }
+        }
+        runs
+    }
+}
+
+/// Generation ids must differ between nodes and restarts.
+fn random_seed() -> u64 {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)) {
+        Ok(()) => u64::from_le_bytes(b),
+        Err(_) => Instant::now().elapsed().as_nanos() as u64 ^ u64::from(std::process::id()),
+    }
+}

@@ -1,0 +1,202 @@
+//! Starting a node for real: metadata, store, links, the file frontend and the control
+//! socket around the daemon's loop; and tearing them down in the right order.
+
+use crate::config::Config;
+use crate::daemon::{Daemon, Edges, HostOp, Input};
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
+use tandem_core::node::{Action, HostError, IoError};
+use tandem_core::wire::Message;
+use tandem_core::NodeId;
+use tandem_frontend::{BackendError, BlockBackend, LoopOptions};
+use tandem_net::{Net, NetConfig, NetEvent};
+use tandem_store::{create_md, MetaFile, MetaHeader, Store};
+
+fn header(config: &Config) -> MetaHeader {
+    MetaHeader::new(u128::from(config.volume_id), config.node, config.geometry)
+}
+
+/// `tandem create-md`: the metadata file, and a sparse backing file if there is none.
+pub fn create_metadata(config: &Config, force: bool) -> Result<()> {
+    if !config.data.exists() {
+        let f = std::fs::File::create_new(&config.data)
+            .with_context(|| format!("creating the backing file {}", config.data.display()))?;
+        f.set_len(config.geometry.volume_size())?;
+        println!("created {} ({} bytes, sparse)", config.data.display(), config.geometry.volume_size());
+    }
+    create_md(&config.meta, &header(config), force)?;
+    println!("initialised metadata {} for volume {} node {}", config.meta.display(), config.volume, config.node);
+    Ok(())
+}
+
+/// The edges of a running node.
+struct RealEdges {
+    store: Arc<Store>,
+    net: Net,
+    /// Known once the frontend is up, which needs the daemon's loop running already.
+    device: Arc<Mutex<Option<String>>>,
+    inbox: Sender<Input>,
+}
+
+impl Edges for RealEdges {
+    fn submit_io(&mut self, action: Action) {
+        let io = match &action {
+            Action::WriteLocal { io, .. }
+            | Action::ReadLocal { io, .. }
+            | Action::Harden { io, .. }
+            | Action::PersistMeta { io, .. } => *io,
+            _ => return,
+        };
+        if let Err(e) = self.store.submit_action(action) {
+            // A refused op never completes by itself: the node must still hear of it.
+            let _ = self.inbox.send(Input::IoDone { io, result: Err(IoError(e.to_string())) });
+        }
+    }
+
+    fn send(&mut self, peer: NodeId, msg: Message) {
+        self.net.send(peer, msg);
+    }
+
+    fn disconnect(&mut self, peer: NodeId, stand_alone: bool) {
+        self.net.disconnect(peer, stand_alone);
+    }
+
+    fn reconnect(&mut self, peer: NodeId) {
+        self.net.reconnect(peer);
+    }
+
+    fn device(&self) -> Option<String> {
+        self.device.lock().expect("device lock").clone()
+    }
+}
+
+/// The block device's backend: writes go through the node (replicated), reads come from
+/// the local store, and only on the primary.
+struct VolumeBackend {
+    inbox: Sender<Input>,
+    store: Arc<Store>,
+    primary: Arc<AtomicBool>,
+    size: u64,
+    block_size: u32,
+}
+
+impl VolumeBackend {
+    fn host(&self, op: HostOp) -> Result<(), BackendError> {
+        let (tx, rx) = channel();
+        self.inbox.send(Input::Host { op, reply: tx }).map_err(|_| BackendError::io("the daemon is stopping"))?;
+        match rx.recv() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(HostError::NotPrimary)) => Err(BackendError::read_only("this node is secondary")),
+            Ok(Err(HostError::Geometry(e))) => Err(BackendError::invalid(e.to_string())),
+            Ok(Err(e)) => Err(BackendError::io(e.to_string())),
+            Err(_) => Err(BackendError::io("the daemon stopped before answering")),
+        }
+    }
+}
+
+impl BlockBackend for VolumeBackend {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+    fn read(&self, offset: u64, len: u32) -> Result<Bytes, BackendError> {
+        if !self.primary.load(Ordering::Acquire) {
+            return Err(BackendError::io("this node is secondary: its replica is not readable yet"));
+        }
+        self.store.read_sync(offset, u64::from(len)).map_err(BackendError::from)
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
+        self.host(HostOp::Write { offset, data: Bytes::copy_from_slice(data), fua })
+    }
+    fn flush(&self) -> Result<(), BackendError> {
+        if !self.primary.load(Ordering::Acquire) {
+            // No host write reaches a secondary, so there is nothing to flush; the kernel
+            // flushes the file when the loop device attaches and detaches.
+            return Ok(());
+        }
+        self.host(HostOp::Flush)
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+        self.host(HostOp::Discard { offset, len })
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+        self.host(HostOp::WriteZeroes { offset, len })
+    }
+}
+
+/// `tandem daemon`: runs until `tandem down`.
+pub fn run_daemon(config: Config) -> Result<()> {
+    tracing::info!(config = %config.file.display(), volume = %config.volume, node = config.node, "starting");
+    let (meta_file, meta) =
+        MetaFile::open(&config.meta).context("opening the metadata (run `tandem create-md` first?)")?;
+    meta_file.expect(u128::from(config.volume_id), config.node, &config.geometry)?;
+    let store = Arc::new(Store::open_with_meta(&config.data, meta_file)?);
+    let (inbox, rx) = channel();
+
+    let completions = store.completions().clone();
+    let to_node = inbox.clone();
+    std::thread::Builder::new().name("store-completions".into()).spawn(move || {
+        for c in completions.iter() {
+            if to_node.send(Input::IoDone { io: c.io, result: c.result }).is_err() {
+                break;
+            }
+        }
+    })?;
+
+    let (net_tx, net_rx) = channel();
+    let net = Net::start(
+        NetConfig::new(config.node, config.volume_id, config.secret.clone(), config.listen, config.peers.clone()),
+        net_tx,
+    )?;
+    let to_node = inbox.clone();
+    std::thread::Builder::new().name("net-events".into()).spawn(move || {
+        for event in net_rx.iter() {
+            let input = match event {
+                NetEvent::Connected { peer } => Input::Connected(peer),
+                NetEvent::Lost { peer, reason } => Input::Lost(peer, reason),
+                NetEvent::Message { peer, msg } => Input::Message(peer, msg),
+                NetEvent::Refused { .. } => continue, // logged by the net crate
+            };
+            if to_node.send(input).is_err() {
+                break;
+            }
+        }
+    })?;
+
+    let primary = Arc::new(AtomicBool::new(false));
+    let device = Arc::new(Mutex::new(None));
+    let edges = RealEdges { store: store.clone(), net, device: device.clone(), inbox: inbox.clone() };
+    let daemon = Daemon::new(config.clone(), meta, edges, rx, primary.clone())?;
+    // The loop must run before the device exists: attaching it flushes the file, which
+    // the frontend answers through the node.
+    let node_thread = std::thread::Builder::new().name("node".into()).spawn(move || daemon.run())?;
+
+    let backend = Arc::new(VolumeBackend {
+        inbox: inbox.clone(),
+        store: store.clone(),
+        primary,
+        size: config.geometry.volume_size(),
+        block_size: config.geometry.block_size(),
+    });
+    std::fs::create_dir_all(&config.mountpoint)
+        .with_context(|| format!("creating the mount point {}", config.mountpoint.display()))?;
+    let mut mounted = tandem_frontend::mount(backend, &config.mountpoint)?;
+    let options = LoopOptions { direct_io: true, block_size: Some(config.geometry.block_size()), read_only: false };
+    let mut loop_device = tandem_frontend::attach_loop_with(mounted.file(), &options)?;
+    let device_path = loop_device.path().display().to_string();
+    *device.lock().expect("device lock") = Some(device_path.clone());
+    tracing::info!(volume = %config.volume, device = %device_path, "volume exposed");
+    crate::control::serve(&config.control, inbox)?;
+
+    let result = node_thread.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the node's thread panicked")));
+    // The loop device holds the FUSE file open: it goes first.
+    let _ = loop_device.detach();
+    let _ = mounted.unmount();
+    let _ = std::fs::remove_file(&config.control);
+    result
+}
