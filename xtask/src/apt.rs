@@ -6,7 +6,12 @@ use crate::cmd::Cmd;
 use crate::tools::is_root;
 
 /// Debian packages `cargo xtask test` needs. The one place to add clang, bpftool, fuse3, qemu...
-pub const APT_PACKAGES: &[&str] = &[];
+pub const APT_PACKAGES: &[&str] = &[
+    // The end-to-end tests: ext4 on the replicated device, mount, loop devices.
+    "e2fsprogs",
+    "mount",
+    "util-linux",
+];
 
 /// Install the missing packages of [`APT_PACKAGES`] when root; otherwise fail naming them.
 pub fn ensure_packages() -> Result<()> {

@@ -28,6 +28,8 @@ pub struct PeerView {
     pub out_of_sync_tracks: u64,
     pub out_of_sync_bytes: u64,
     pub resync: Option<(u64, u64)>,
+    /// Bytes the last completed resync with this peer shipped or received.
+    pub last_resync_bytes: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -229,6 +229,7 @@ impl<E: Edges> Daemon<E> {
                     out_of_sync_tracks: p.out_of_sync_tracks,
                     out_of_sync_bytes: p.out_of_sync_tracks * track,
                     resync: p.resync,
+                    last_resync_bytes: p.last_resync.map(|t| t * track),
                 })
                 .collect(),
         }

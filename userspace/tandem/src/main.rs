@@ -150,6 +150,8 @@ fn render_status(s: &StatusView) -> String {
         );
         if let Some((done, total)) = p.resync {
             out += &format!("  resync: {done}/{total} tracks");
+        } else if let Some(bytes) = p.last_resync_bytes {
+            out += &format!("  last resync: {}", human_bytes(bytes));
         }
         out += "\n";
     }

@@ -235,6 +235,8 @@ pub struct PeerStatus {
     pub out_of_sync_tracks: u64,
     /// (shipped or received, total) while a resync runs.
     pub resync: Option<(u64, u64)>,
+    /// Tracks the last completed resync with this peer shipped (as source) or received.
+    pub last_resync: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -40,6 +40,7 @@ struct Peer {
     state: Option<StateReport>,
     handshake: Option<connect::Handshake>,
     resync: Option<resync::Resync>,
+    last_resync: Option<u64>,
     /// Our half of the peer's destage scans (seed 003, Fig. 5), one per range; they start
     /// afresh with every connection.
     scans: Vec<crate::toggle::destage::Recorder>,
@@ -112,6 +113,7 @@ impl Node {
                     state: None,
                     handshake: None,
                     resync: None,
+                    last_resync: None,
                     scans: scan_recorders(&cfg.geometry),
                 };
                 (p, peer)
@@ -371,6 +373,7 @@ impl Node {
                     disk: p.state.as_ref().map(|s| s.disk),
                     out_of_sync_tracks: p.record.count(),
                     resync: p.resync.as_ref().map(|r| r.progress()),
+                    last_resync: p.last_resync,
                 })
                 .collect(),
         }

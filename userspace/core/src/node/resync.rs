@@ -102,6 +102,7 @@ impl Node {
         if finished {
             let p = self.peers.get_mut(&peer).expect("peer");
             let (_, total) = p.resync.take().expect("resync").progress();
+            p.last_resync = Some(total);
             p.conn = ConnState::Connected;
             self.send(peer, Message::ResyncEnd { tracks: total });
             self.resync_finished();
@@ -201,9 +202,10 @@ impl Node {
 
     pub(super) fn resync_hardened(&mut self, peer: NodeId) {
         let p = self.peers.get_mut(&peer).expect("peer");
-        if !matches!(p.resync, Some(Resync::Target { .. })) {
+        let Some(Resync::Target { written, .. }) = p.resync else {
             return;
-        }
+        };
+        p.last_resync = Some(written);
         p.resync = None;
         p.conn = ConnState::Connected;
         let source = p.state.clone().expect("state from handshake");

@@ -1,0 +1,260 @@
+//! End to end, as an operator would: two daemons on loopback with file-backed volumes,
+//! ext4 on the primary's device, `kill -9` of the primary, failover, the old primary back
+//! and resynced, failback. Needs root (FUSE, loop devices, mount); elsewhere it says why it
+//! skips. (Network namespaces, the link emulator and the bench land in later commits.)
+
+use serde_json::Value;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
+const TRACK: u64 = 64 << 10;
+
+fn can_run() -> bool {
+    let root = unsafe { libc::geteuid() } == 0;
+    let ok = root && Path::new("/dev/fuse").exists() && Path::new("/dev/loop-control").exists();
+    if !ok {
+        eprintln!("skipped: needs root, /dev/fuse and /dev/loop-control");
+    }
+    ok
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+struct Node {
+    id: u8,
+    dir: PathBuf,
+    config: PathBuf,
+    daemon: Option<Child>,
+}
+
+impl Node {
+    fn new(dir: &Path, id: u8, ports: [u16; 2]) -> Node {
+        let peer = 1 - id;
+        let config = dir.join(format!("n{id}.toml"));
+        let text = format!(
+            r#"[volume]
+name = "e2e"
+id = 9
+size = "64MiB"
+mode = "memory"
+secret = "end-to-end-test-secret"
+
+[node]
+id = {id}
+data = "{d}/n{id}.img"
+meta = "{d}/n{id}.meta"
+listen = "127.0.0.1:{me}"
+control = "{d}/n{id}.sock"
+mountpoint = "{d}/fuse{id}"
+
+[[peer]]
+id = {peer}
+address = "127.0.0.1:{other}"
+"#,
+            d = dir.display(),
+            me = ports[id as usize],
+            other = ports[peer as usize],
+        );
+        std::fs::write(&config, text).unwrap();
+        let node = Node { id, dir: dir.to_owned(), config, daemon: None };
+        node.tandem(&["create-md"]);
+        node
+    }
+
+    fn tandem(&self, args: &[&str]) -> String {
+        let mut all = vec!["-c", self.config.to_str().unwrap()];
+        all.extend_from_slice(args);
+        sh(TANDEM, &all)
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::File::create(self.dir.join(format!("n{}.log", self.id))).unwrap();
+        let child = Command::new(TANDEM)
+            .args(["-c", self.config.to_str().unwrap(), "daemon"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.daemon = Some(child);
+        wait("the control socket", || self.status().is_some());
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // A killed daemon leaves its FUSE mount behind (the loop device clears itself).
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.join(format!("fuse{}", self.id)))
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    fn status(&self) -> Option<Value> {
+        let out = Command::new(TANDEM).args(["-c", self.config.to_str().unwrap(), "status", "--json"]).output().ok()?;
+        out.status.success().then(|| serde_json::from_slice(&out.stdout).unwrap())
+    }
+
+    fn device(&self) -> String {
+        self.status().unwrap()["device"].as_str().unwrap().to_owned()
+    }
+
+    fn peer(&self) -> Value {
+        self.status().unwrap()["peers"][0].clone()
+    }
+
+    fn image(&self) -> PathBuf {
+        self.dir.join(format!("n{}.img", self.id))
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn wait(what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+struct Mounted(PathBuf);
+
+impl Mounted {
+    fn new(device: &str, at: PathBuf) -> Mounted {
+        std::fs::create_dir_all(&at).unwrap();
+        sh("mount", &[device, at.to_str().unwrap()]);
+        Mounted(at)
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+fn checksums(dir: &Path) -> Vec<(String, String)> {
+    let mut sums: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_file())
+        .map(|e| {
+            let data = std::fs::read(e.path()).unwrap();
+            (e.file_name().to_string_lossy().into_owned(), format!("{:x}", md5ish(&data)))
+        })
+        .collect();
+    sums.sort();
+    sums
+}
+
+/// A content fingerprint (FNV-1a): enough to tell files apart in a test.
+fn md5ish(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+}
+
+fn connected(n: &Node) -> bool {
+    n.status().is_some_and(|s| s["peers"][0]["connection"] == "Connected" && s["disk"] == "UpToDate")
+}
+
+#[test]
+fn failover_and_failback_keep_every_file_and_resync_only_recorded_tracks() {
+    if !can_run() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ports = [free_port(), free_port()];
+    let mut n0 = Node::new(dir.path(), 0, ports);
+    let mut n1 = Node::new(dir.path(), 1, ports);
+    n0.start();
+    n1.start();
+    wait("the nodes to connect", || connected(&n0) && connected(&n1));
+
+    // ext4 on the primary's replicated device.
+    n0.tandem(&["primary"]);
+    let dev0 = n0.device();
+    sh("mkfs.ext4", &["-q", "-F", &dev0]);
+    let written = {
+        let fs = Mounted::new(&dev0, dir.path().join("fs0"));
+        for i in 0..4 {
+            let data: Vec<u8> = (0..(1 << 20)).map(|j: u32| (j.wrapping_mul(2_654_435_761) >> (i + 3)) as u8).collect();
+            std::fs::write(fs.0.join(format!("file{i}")), data).unwrap();
+        }
+        sh("sync", &[]);
+        checksums(&fs.0)
+    };
+    assert_eq!(written.len(), 4);
+    // mkfs discarded the whole device: destage scans clear those marks within seconds.
+    wait("the records to shrink", || n0.peer()["out_of_sync_tracks"].as_u64().unwrap() < 16);
+
+    // The primary's daemon dies mid-life: the secondary takes over with every file.
+    n0.kill();
+    wait("node 1 to notice", || n1.peer()["connection"] != "Connected");
+    n1.tandem(&["primary"]);
+    let dev1 = n1.device();
+    {
+        let fs = Mounted::new(&dev1, dir.path().join("fs1"));
+        assert_eq!(checksums(&fs.0), written, "the files survive the failover");
+        std::fs::write(fs.0.join("after-failover"), b"written on node 1").unwrap();
+        sh("sync", &[]);
+    }
+    let recorded = n1.peer()["out_of_sync_bytes"].as_u64().unwrap();
+    assert!(recorded > 0 && recorded < 64 << 20, "node 1 records what node 0 misses: {recorded} bytes");
+
+    // The old primary comes back as secondary and resyncs only what was recorded.
+    n0.start();
+    wait("node 0 to resync", || connected(&n0) && connected(&n1));
+    let shipped = n1.peer()["last_resync_bytes"].as_u64().unwrap();
+    assert!(shipped <= recorded + 4 * TRACK, "shipped {shipped} bytes, {recorded} were recorded");
+    assert!(shipped < 64 << 20, "not a full resync");
+    n1.tandem(&["secondary"]);
+    wait("node 0 to see node 1 step down", || n0.peer()["role"] == "Secondary");
+    n0.tandem(&["primary"]);
+    {
+        let fs = Mounted::new(&dev0, dir.path().join("fs0"));
+        let mut expected = written.clone();
+        expected.push(("after-failover".into(), format!("{:x}", md5ish(b"written on node 1"))));
+        expected.sort();
+        assert_eq!(checksums(&fs.0), expected, "failback: every file, including the one written during failover");
+    }
+    n0.tandem(&["secondary"]);
+    // Replicas converge: once the records are clear, the backing files are identical.
+    wait("the records to clear", || n0.peer()["out_of_sync_tracks"] == 0 && n1.peer()["out_of_sync_tracks"] == 0);
+    n0.tandem(&["down"]);
+    n1.tandem(&["down"]);
+    for n in [&mut n0, &mut n1] {
+        if let Some(mut child) = n.daemon.take() {
+            assert!(child.wait().unwrap().success(), "node {} exits cleanly after down", n.id);
+        }
+    }
+    assert!(std::fs::read(n0.image()).unwrap() == std::fs::read(n1.image()).unwrap(), "replicas are identical");
+}
+
+#[test]
+fn bad_config_is_refused_with_file_field_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "[volume]\nname = \"v\"\nid = 1\nsize = \"12 parsecs\"\n").unwrap();
+    let out = Command::new(TANDEM).args(["-c", config.to_str().unwrap(), "create-md"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(config.to_str().unwrap()), "{err}");
+    assert!(!dir.path().join("v.meta").exists(), "nothing was created");
+}
