@@ -40,6 +40,10 @@ struct Node {
 
 impl Node {
     fn new(dir: &Path, id: u8, ports: [u16; 2]) -> Node {
+        Self::with_secret(dir, id, ports, "end-to-end-test-secret")
+    }
+
+    fn with_secret(dir: &Path, id: u8, ports: [u16; 2], secret: &str) -> Node {
         let peer = 1 - id;
         let config = dir.join(format!("n{id}.toml"));
         let text = format!(
@@ -48,7 +52,7 @@ name = "e2e"
 id = 9
 size = "64MiB"
 mode = "memory"
-secret = "end-to-end-test-secret"
+secret = "{secret}"
 
 [node]
 id = {id}
@@ -257,4 +261,86 @@ fn bad_config_is_refused_with_file_field_and_reason() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(config.to_str().unwrap()), "{err}");
     assert!(!dir.path().join("v.meta").exists(), "nothing was created");
+}
+
+fn write_file(n: &Node, dir: &Path, name: &str) {
+    let fs = Mounted::new(&n.device(), dir.join(format!("fs{}", n.id)));
+    std::fs::write(fs.0.join(name), name.as_bytes()).unwrap();
+    sh("sync", &[]);
+}
+
+#[test]
+fn split_brain_is_detected_refused_and_resolved_by_invalidate() {
+    if !can_run() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ports = [free_port(), free_port()];
+    let mut n0 = Node::new(dir.path(), 0, ports);
+    let mut n1 = Node::new(dir.path(), 1, ports);
+    n0.start();
+    n1.start();
+    wait("the nodes to connect", || connected(&n0) && connected(&n1));
+    n0.tandem(&["primary"]);
+    sh("mkfs.ext4", &["-q", "-F", &n0.device()]);
+    wait("the records to shrink", || n0.peer()["out_of_sync_tracks"].as_u64().unwrap() < 16);
+
+    // Apart, each side is made primary and writes.
+    n1.kill();
+    write_file(&n0, dir.path(), "from-node-0");
+    n0.kill();
+    n1.start();
+    n1.tandem(&["primary", "--force"]);
+    write_file(&n1, dir.path(), "from-node-1");
+    n0.start();
+    wait("the split brain to be refused", || {
+        n0.peer()["connection"] == "StandAlone" || n1.peer()["connection"] == "StandAlone"
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_ne!(n0.peer()["connection"], "Connected", "never merged");
+    let log = std::fs::read_to_string(dir.path().join("n1.log")).unwrap();
+    assert!(log.contains("split brain"), "the refusal is logged: {log}");
+
+    // The operator keeps node 1's data: node 0 discards its own and resyncs all of it.
+    n0.tandem(&["invalidate"]);
+    n0.tandem(&["connect"]);
+    n1.tandem(&["connect"]);
+    wait("node 0 to resync from node 1", || connected(&n0) && connected(&n1));
+    n1.tandem(&["secondary"]);
+    wait("node 0 to see it", || n0.peer()["role"] == "Secondary");
+    n0.tandem(&["primary"]);
+    let fs = Mounted::new(&n0.device(), dir.path().join("check"));
+    assert!(fs.0.join("from-node-1").exists(), "node 1's write is there");
+    assert!(!fs.0.join("from-node-0").exists(), "node 0's discarded write is gone, as the operator chose");
+}
+
+#[test]
+fn a_wrong_secret_and_garbage_on_the_port_are_refused_without_harm() {
+    if !can_run() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ports = [free_port(), free_port()];
+    let mut n0 = Node::new(dir.path(), 0, ports);
+    let mut n1 = Node::with_secret(dir.path(), 1, ports, "not-the-volume-secret!");
+    n0.start();
+    n1.start();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_ne!(n0.peer()["connection"], "Connected");
+    let log = std::fs::read_to_string(dir.path().join("n1.log")).unwrap();
+    assert!(log.to_lowercase().contains("refus"), "one clear log line: {log}");
+
+    // A stranger writes garbage to the replication port; the daemon does not mind.
+    use std::io::Write;
+    let mut stranger = std::net::TcpStream::connect(("127.0.0.1", ports[1])).unwrap();
+    let _ = stranger.write_all(b"GET / HTTP/1.1\r\nHost: tandem\r\n\r\n\x00\xff garbage");
+    drop(stranger);
+    assert!(n1.status().is_some(), "node 1 still answers");
+
+    // With the right secret the same nodes connect.
+    n1.kill();
+    std::fs::remove_file(dir.path().join("n1.meta")).unwrap();
+    let mut n1 = Node::new(dir.path(), 1, ports);
+    n1.start();
+    wait("the nodes to connect", || connected(&n0) && connected(&n1));
 }
