@@ -7,6 +7,7 @@ use serde_json::Value;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
@@ -355,4 +356,105 @@ fn a_wrong_secret_and_garbage_on_the_port_are_refused_without_harm() {
     let mut n1 = Node::new(dir.path(), 1, ports);
     n1.start();
     wait("the nodes to connect", || connected(&n0) && connected(&n1));
+}
+
+/// A 4 KiB-aligned buffer for O_DIRECT.
+struct Aligned(*mut u8);
+
+impl Aligned {
+    const LAYOUT: std::alloc::Layout = match std::alloc::Layout::from_size_align(4096, 4096) {
+        Ok(l) => l,
+        Err(_) => panic!("layout"),
+    };
+    fn new() -> Aligned {
+        Aligned(unsafe { std::alloc::alloc_zeroed(Self::LAYOUT) })
+    }
+    fn bytes(&mut self) -> &mut [u8] {
+        unsafe { std::slice::from_raw_parts_mut(self.0, 4096) }
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        unsafe { std::alloc::dealloc(self.0, Self::LAYOUT) }
+    }
+}
+
+fn open_direct(device: &str) -> std::fs::File {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(device).unwrap()
+}
+
+/// Invariant 1 on the real system: every write the device acknowledged before the primary's
+/// daemon was killed is on the secondary once it is promoted.
+#[test]
+fn kill_9_under_write_load_loses_no_acknowledged_write() {
+    use std::os::unix::fs::FileExt;
+    if !can_run() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ports = [free_port(), free_port()];
+    let mut n0 = Node::new(dir.path(), 0, ports);
+    let mut n1 = Node::new(dir.path(), 1, ports);
+    n0.start();
+    n1.start();
+    wait("the nodes to connect", || connected(&n0) && connected(&n1));
+    n0.tandem(&["primary"]);
+    let device = n0.device();
+    const BLOCKS: u64 = 2048; // the first 8 MiB: many rewrites of the same blocks
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let file = open_direct(&device);
+            let mut buf = Aligned::new();
+            // block -> (last acknowledged value, value possibly in flight when it failed)
+            let mut acked: std::collections::HashMap<u64, (u64, Option<u64>)> = Default::default();
+            let mut state = 0x9E37_79B9_7F4A_7C15u64;
+            for value in 1u64.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let block = state % BLOCKS;
+                for (i, chunk) in buf.bytes().chunks_mut(8).enumerate() {
+                    chunk.copy_from_slice(&(value ^ i as u64).to_le_bytes());
+                }
+                match file.write_all_at(buf.bytes(), block * 4096) {
+                    Ok(()) => {
+                        acked.insert(block, (value, None));
+                    }
+                    Err(_) => {
+                        acked.entry(block).and_modify(|e| e.1 = Some(value)).or_insert((0, Some(value)));
+                        break;
+                    }
+                }
+            }
+            acked
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    n0.kill();
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    let acked = writer.join().unwrap();
+    assert!(acked.len() > 100, "the load ran: {} blocks written", acked.len());
+    eprintln!("{} blocks acknowledged before the kill", acked.len());
+
+    wait("node 1 to notice", || n1.peer()["connection"] != "Connected");
+    n1.tandem(&["primary"]);
+    let file = open_direct(&n1.device());
+    let mut buf = Aligned::new();
+    let mut lost = Vec::new();
+    for (&block, &(value, in_flight)) in &acked {
+        file.read_exact_at(buf.bytes(), block * 4096).unwrap();
+        let got = u64::from_le_bytes(buf.bytes()[..8].try_into().unwrap());
+        if got != value && Some(got) != in_flight {
+            lost.push(format!("block {block}: acknowledged {value}, found {got}"));
+        }
+    }
+    assert!(lost.is_empty(), "{} acknowledged writes lost: {:?}", lost.len(), &lost[..lost.len().min(5)]);
 }
