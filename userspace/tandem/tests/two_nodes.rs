@@ -3,6 +3,8 @@
 //! and resynced, failback. Needs root (FUSE, loop devices, mount); elsewhere it says why it
 //! skips. (Network namespaces, the link emulator and the bench land in later commits.)
 
+mod link;
+
 use serde_json::Value;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -457,4 +459,81 @@ fn kill_9_under_write_load_loses_no_acknowledged_write() {
         }
     }
     assert!(lost.is_empty(), "{} acknowledged writes lost: {:?}", lost.len(), &lost[..lost.len().min(5)]);
+}
+
+/// A writer on the primary's device counting acknowledged writes until stopped.
+fn write_load(
+    device: String,
+    stop: std::sync::Arc<AtomicBool>,
+    count: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> std::thread::JoinHandle<()> {
+    use std::os::unix::fs::FileExt;
+    std::thread::spawn(move || {
+        let file = open_direct(&device);
+        let mut buf = Aligned::new();
+        let mut block = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            buf.bytes()[..8].copy_from_slice(&block.to_le_bytes());
+            if file.write_all_at(buf.bytes(), (block % 4096) * 4096).is_err() {
+                break;
+            }
+            count.fetch_add(1, Ordering::Relaxed);
+            block = block.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) >> 1;
+        }
+    })
+}
+
+/// A silent partition and a cut link during writes: the primary notices within the
+/// keepalive timeout (not after TCP's retransmit backoff), goes on alone, and resyncs the
+/// peer when the link heals; the replicas end identical.
+#[test]
+fn silent_partition_and_link_cut_during_writes() {
+    if !can_run() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ports = [free_port(), free_port()];
+    let link = link::Link::new(ports[1]);
+    // Node 0 dials node 1 through the link emulator.
+    let mut n0 = Node::new(dir.path(), 0, [ports[0], link.port]);
+    let mut n1 = Node::new(dir.path(), 1, ports);
+    n0.start();
+    n1.start();
+    wait("the nodes to connect", || connected(&n0) && connected(&n1));
+    n0.tandem(&["primary"]);
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let writer = write_load(n0.device(), stop.clone(), count.clone());
+    wait("writes to flow", || count.load(Ordering::Relaxed) > 200);
+
+    for (what, cut) in [("silent partition", true), ("link cut", false)] {
+        if cut {
+            link.blackhole();
+        } else {
+            link.reset();
+        }
+        let started = Instant::now();
+        wait(&format!("node 0 to notice the {what}"), || n0.peer()["connection"] != "Connected");
+        let noticed = started.elapsed();
+        assert!(noticed < Duration::from_secs(6), "{what} noticed after {noticed:?}: the keepalive must beat TCP");
+        // Alone, the primary keeps serving.
+        let before = count.load(Ordering::Relaxed);
+        wait(&format!("writes to go on during the {what}"), || count.load(Ordering::Relaxed) > before + 100);
+        link.pass();
+        wait(&format!("the link to heal after the {what}"), || connected(&n0) && connected(&n1));
+        let before = count.load(Ordering::Relaxed);
+        wait("writes to go on after healing", || count.load(Ordering::Relaxed) > before + 100);
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    wait("the records to clear", || n0.peer()["out_of_sync_tracks"] == 0 && n1.peer()["out_of_sync_tracks"] == 0);
+    n0.tandem(&["secondary"]);
+    n0.tandem(&["down"]);
+    n1.tandem(&["down"]);
+    for n in [&mut n0, &mut n1] {
+        if let Some(mut child) = n.daemon.take() {
+            assert!(child.wait().unwrap().success());
+        }
+    }
+    assert!(std::fs::read(n0.image()).unwrap() == std::fs::read(n1.image()).unwrap(), "replicas are identical");
 }
