@@ -43,10 +43,14 @@ struct Node {
 
 impl Node {
     fn new(dir: &Path, id: u8, ports: [u16; 2]) -> Node {
-        Self::with_secret(dir, id, ports, "end-to-end-test-secret")
+        Self::with(dir, id, ports, "end-to-end-test-secret", "memory")
     }
 
     fn with_secret(dir: &Path, id: u8, ports: [u16; 2], secret: &str) -> Node {
+        Self::with(dir, id, ports, secret, "memory")
+    }
+
+    fn with(dir: &Path, id: u8, ports: [u16; 2], secret: &str, mode: &str) -> Node {
         let peer = 1 - id;
         let config = dir.join(format!("n{id}.toml"));
         let text = format!(
@@ -54,7 +58,7 @@ impl Node {
 name = "e2e"
 id = 9
 size = "64MiB"
-mode = "memory"
+mode = "{mode}"
 secret = "{secret}"
 
 [node]
@@ -390,15 +394,25 @@ fn open_direct(device: &str) -> std::fs::File {
 /// Invariant 1 on the real system: every write the device acknowledged before the primary's
 /// daemon was killed is on the secondary once it is promoted.
 #[test]
-fn kill_9_under_write_load_loses_no_acknowledged_write() {
+fn kill_9_under_write_load_loses_no_acknowledged_write_memory_mode() {
+    kill_9_under_write_load("memory");
+}
+
+#[test]
+fn kill_9_under_write_load_loses_no_acknowledged_write_disk_mode() {
+    kill_9_under_write_load("disk");
+}
+
+fn kill_9_under_write_load(mode: &str) {
     use std::os::unix::fs::FileExt;
     if !can_run() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let ports = [free_port(), free_port()];
-    let mut n0 = Node::new(dir.path(), 0, ports);
-    let mut n1 = Node::new(dir.path(), 1, ports);
+    let secret = "end-to-end-test-secret";
+    let mut n0 = Node::with(dir.path(), 0, ports, secret, mode);
+    let mut n1 = Node::with(dir.path(), 1, ports, secret, mode);
     n0.start();
     n1.start();
     wait("the nodes to connect", || connected(&n0) && connected(&n1));
@@ -487,16 +501,26 @@ fn write_load(
 /// keepalive timeout (not after TCP's retransmit backoff), goes on alone, and resyncs the
 /// peer when the link heals; the replicas end identical.
 #[test]
-fn silent_partition_and_link_cut_during_writes() {
+fn silent_partition_and_link_cut_during_writes_memory_mode() {
+    partition_and_cut_during_writes("memory");
+}
+
+#[test]
+fn silent_partition_and_link_cut_during_writes_disk_mode() {
+    partition_and_cut_during_writes("disk");
+}
+
+fn partition_and_cut_during_writes(mode: &str) {
     if !can_run() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let ports = [free_port(), free_port()];
     let link = link::Link::new(ports[1]);
+    let secret = "end-to-end-test-secret";
     // Node 0 dials node 1 through the link emulator.
-    let mut n0 = Node::new(dir.path(), 0, [ports[0], link.port]);
-    let mut n1 = Node::new(dir.path(), 1, ports);
+    let mut n0 = Node::with(dir.path(), 0, [ports[0], link.port], secret, mode);
+    let mut n1 = Node::with(dir.path(), 1, ports, secret, mode);
     n0.start();
     n1.start();
     wait("the nodes to connect", || connected(&n0) && connected(&n1));
