@@ -7,8 +7,10 @@ use crate::tools::is_root;
 
 /// Debian packages `cargo xtask test` needs. The one place to add clang, bpftool, fuse3, qemu...
 pub const APT_PACKAGES: &[&str] = &[
-    // The end-to-end tests: ext4 on the replicated device, mount, loop devices.
+    // The end-to-end tests: ext4 on the replicated device, mount, loop devices, nsenter,
+    // network namespaces and veth.
     "e2fsprogs",
+    "iproute2",
     "mount",
     "util-linux",
 ];

@@ -4,6 +4,7 @@
 //! skips. (Network namespaces, the link emulator and the bench land in later commits.)
 
 mod link;
+mod netns;
 
 use serde_json::Value;
 use std::net::TcpListener;
@@ -39,6 +40,7 @@ struct Node {
     dir: PathBuf,
     config: PathBuf,
     daemon: Option<Child>,
+    launcher: Vec<String>,
 }
 
 impl Node {
@@ -51,6 +53,23 @@ impl Node {
     }
 
     fn with(dir: &Path, id: u8, ports: [u16; 2], secret: &str, mode: &str) -> Node {
+        let peer = 1 - id;
+        let listen = format!("127.0.0.1:{}", ports[id as usize]);
+        let address = format!("127.0.0.1:{}", ports[peer as usize]);
+        Self::at(dir, id, &listen, &address, secret, mode, Vec::new())
+    }
+
+    /// A node listening on `listen`, reaching its peer at `peer_address`; its daemon runs
+    /// under `launcher` (e.g. `nsenter --net=...`).
+    fn at(
+        dir: &Path,
+        id: u8,
+        listen: &str,
+        peer_address: &str,
+        secret: &str,
+        mode: &str,
+        launcher: Vec<String>,
+    ) -> Node {
         let peer = 1 - id;
         let config = dir.join(format!("n{id}.toml"));
         let text = format!(
@@ -65,20 +84,18 @@ secret = "{secret}"
 id = {id}
 data = "{d}/n{id}.img"
 meta = "{d}/n{id}.meta"
-listen = "127.0.0.1:{me}"
+listen = "{listen}"
 control = "{d}/n{id}.sock"
 mountpoint = "{d}/fuse{id}"
 
 [[peer]]
 id = {peer}
-address = "127.0.0.1:{other}"
+address = "{peer_address}"
 "#,
             d = dir.display(),
-            me = ports[id as usize],
-            other = ports[peer as usize],
         );
         std::fs::write(&config, text).unwrap();
-        let node = Node { id, dir: dir.to_owned(), config, daemon: None };
+        let node = Node { id, dir: dir.to_owned(), config, daemon: None, launcher };
         node.tandem(&["create-md"]);
         node
     }
@@ -100,12 +117,9 @@ address = "127.0.0.1:{other}"
 
     fn start(&mut self) {
         let log = std::fs::File::create(self.dir.join(format!("n{}.log", self.id))).unwrap();
-        let child = Command::new(TANDEM)
-            .args(["-c", self.config.to_str().unwrap(), "daemon"])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let mut argv: Vec<String> = self.launcher.clone();
+        argv.extend([TANDEM.to_string(), "-c".into(), self.config.to_str().unwrap().into(), "daemon".into()]);
+        let child = Command::new(&argv[0]).args(&argv[1..]).stdout(Stdio::null()).stderr(log).spawn().unwrap();
         self.daemon = Some(child);
         wait("the control socket", || self.status().is_some());
     }
@@ -552,6 +566,55 @@ fn partition_and_cut_during_writes(mode: &str) {
     writer.join().unwrap();
     wait("the records to clear", || n0.peer()["out_of_sync_tracks"] == 0 && n1.peer()["out_of_sync_tracks"] == 0);
     n0.tandem(&["secondary"]);
+    n0.tandem(&["down"]);
+    n1.tandem(&["down"]);
+    for n in [&mut n0, &mut n1] {
+        if let Some(mut child) = n.daemon.take() {
+            assert!(child.wait().unwrap().success());
+        }
+    }
+    assert!(std::fs::read(n0.image()).unwrap() == std::fs::read(n1.image()).unwrap(), "replicas are identical");
+}
+
+/// Two hosts in network namespaces joined by veth: replication across them, a link taken
+/// down on one side (sends fail at once), and a resync once it is up again.
+#[test]
+fn two_hosts_in_namespaces_over_veth() {
+    if !can_run() {
+        return;
+    }
+    let pair = match netns::Pair::new() {
+        Ok(p) => p,
+        Err(e) => panic!("as root, network namespaces must work here: {e}"),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "end-to-end-test-secret";
+    let [a0, a1] = [&pair.addrs[0], &pair.addrs[1]];
+    let mut n0 =
+        Node::at(dir.path(), 0, &format!("{a0}:7788"), &format!("{a1}:7788"), secret, "memory", pair.nsenter(0));
+    let mut n1 =
+        Node::at(dir.path(), 1, &format!("{a1}:7788"), &format!("{a0}:7788"), secret, "memory", pair.nsenter(1));
+    n0.start();
+    n1.start();
+    wait("the hosts to connect", || connected(&n0) && connected(&n1));
+    n0.tandem(&["primary"]);
+    sh("mkfs.ext4", &["-q", "-F", &n0.device()]);
+    let fs = Mounted::new(&n0.device(), dir.path().join("fs0"));
+    std::fs::write(fs.0.join("before"), b"across veth").unwrap();
+    sh("sync", &[]);
+    wait("the records to shrink", || n0.peer()["out_of_sync_tracks"].as_u64().unwrap() < 16);
+
+    pair.link(0, false).unwrap();
+    wait("node 0 to lose its peer", || n0.peer()["connection"] != "Connected");
+    std::fs::write(fs.0.join("during"), b"while the link was down").unwrap();
+    sh("sync", &[]);
+    assert!(n0.peer()["out_of_sync_tracks"].as_u64().unwrap() > 0, "writes apart are recorded");
+    pair.link(0, true).unwrap();
+    wait("the link to heal and node 1 to resync", || connected(&n0) && connected(&n1));
+    assert!(n1.peer()["last_resync_bytes"].as_u64().unwrap() < 64 << 20, "only recorded tracks shipped");
+    drop(fs);
+    n0.tandem(&["secondary"]);
+    wait("the records to clear", || n0.peer()["out_of_sync_tracks"] == 0 && n1.peer()["out_of_sync_tracks"] == 0);
     n0.tandem(&["down"]);
     n1.tandem(&["down"]);
     for n in [&mut n0, &mut n1] {
