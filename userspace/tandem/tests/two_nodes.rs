@@ -164,7 +164,7 @@ impl Drop for Node {
 fn wait(what: &str, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
     while !done() {
-        assert!(start.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
+        assert!(start.elapsed() < Duration::from_secs(60), "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -564,7 +564,17 @@ fn partition_and_cut_during_writes(mode: &str) {
     }
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
-    wait("the records to clear", || n0.peer()["out_of_sync_tracks"] == 0 && n1.peer()["out_of_sync_tracks"] == 0);
+    let clear = || n0.peer()["out_of_sync_tracks"] == 0 && n1.peer()["out_of_sync_tracks"] == 0;
+    let start = Instant::now();
+    while !clear() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the records did not clear:\n{:#}\n{:#}",
+            n0.status().unwrap_or_default(),
+            n1.status().unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     n0.tandem(&["secondary"]);
     n0.tandem(&["down"]);
     n1.tandem(&["down"]);

@@ -302,6 +302,13 @@ impl Node {
         match plan {
             None => p.conn = ConnState::Idle,
             Some(plan) => {
+                // The peer now records these tracks for us; only our destage scans clear them,
+                // and a node with nothing new to write would never scan: schedule them.
+                let g = self.cfg.geometry;
+                for r in (0..g.range_count()).filter(|r| union.range_count(*r) > 0) {
+                    self.destage.scan_due[r as usize] = true;
+                }
+                let p = self.peers.get_mut(&peer).expect("peer");
                 // Tracks recorded since the snapshot was sent are shipped too.
                 p.record.merge(&union).expect("same geometry");
                 if plan.full {

@@ -292,3 +292,26 @@ fn shutdown_hardens_then_persists_records_and_the_clean_flag() {
     n.handle(0, Event::IoDone { io, result: Ok(None) });
     assert!(n.is_down());
 }
+
+#[test]
+fn after_a_handshake_the_recorded_ranges_get_scanned_even_without_new_writes() {
+    let g = geometry();
+    let mut n = Node::new(NodeConfig::new(1, vec![0], g, Mode::Memory), Meta::fresh(&g, 7), 1).unwrap();
+    let a = drain(&mut n);
+    persist_all(&mut n, &a);
+    n.handle(0, Event::PeerConnected { peer: 0 });
+    let mut primary = report(0, Role::Primary, DiskState::UpToDate, gens(7, &[]), false);
+    primary.primary = Some(0);
+    n.handle(0, Event::Received { peer: 0, msg: Message::State(primary) });
+    n.handle(
+        0,
+        Event::Received { peer: 0, msg: Message::RecordPage { range: 1, bits: Bytes::from_static(&[0b0101]) } },
+    );
+    n.handle(0, Event::Received { peer: 0, msg: Message::RecordEnd { tracks: 2 } });
+    let a = drain(&mut n);
+    persist_all(&mut n, &a);
+    assert_eq!(n.conn(0), Some(ConnState::SyncTarget));
+    n.handle(1, Event::Timer(Timer::Destage));
+    let a = drain(&mut n);
+    assert!(a.contains(&Action::Send { peer: 0, msg: Message::DestageStart { range: 1 } }), "{a:?}");
+}
