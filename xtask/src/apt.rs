@@ -20,7 +20,7 @@ pub fn ensure_packages() -> Result<()> {
     ensure(APT_PACKAGES)
 }
 
-fn ensure(packages: &[&str]) -> Result<()> {
+pub fn ensure(packages: &[&str]) -> Result<()> {
     if packages.is_empty() {
         return Ok(());
     }

@@ -3,6 +3,7 @@
 //! `cargo xtask test` is the one test command (CI runs it through `.ci/run`).
 
 mod apt;
+mod bench;
 mod cmd;
 mod demo;
 mod fuzz;
@@ -26,6 +27,8 @@ struct Cli {
 enum Task {
     /// The main job: a narrated failover and failback of one replicated volume on two nodes
     Demo(demo::DemoArgs),
+    /// fio on the replicated device vs the same device unreplicated, both modes (root)
+    Bench,
     /// Install missing tools, then run fmt, clippy, all tests and the simulator budget (CI runs this)
     Test,
     /// Run the deterministic simulator (`tandem-sim`, release build)
@@ -37,6 +40,7 @@ enum Task {
 fn main() -> ExitCode {
     let result = match Cli::parse().task {
         Task::Demo(args) => demo::run(&args),
+        Task::Bench => bench::run(),
         Task::Test => test::run(),
         Task::Sim(args) => sim::run(&args),
         Task::Fuzz(args) => fuzz::run(&args),

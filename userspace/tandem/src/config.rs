@@ -166,9 +166,6 @@ impl Config {
             }
             peers.push((p.id, addr));
         }
-        if peers.is_empty() {
-            return Err(invalid("peer", "at least one [[peer]] is needed".into()));
-        }
         if peers.len() > 2 {
             return Err(invalid("peer", format!("{} peers: at most 2 are supported", peers.len())));
         }

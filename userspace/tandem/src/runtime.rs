@@ -132,6 +132,9 @@ impl BlockBackend for VolumeBackend {
 /// `tandem daemon`: runs until `tandem down`.
 pub fn run_daemon(config: Config) -> Result<()> {
     tracing::info!(config = %config.file.display(), volume = %config.volume, node = config.node, "starting");
+    if config.peers.is_empty() {
+        tracing::warn!("no [[peer]] configured: this volume is not replicated");
+    }
     let (meta_file, meta) =
         MetaFile::open(&config.meta).context("opening the metadata (run `tandem create-md` first?)")?;
     meta_file.expect(u128::from(config.volume_id), config.node, &config.geometry)?;

@@ -138,7 +138,10 @@ impl Node {
             hardened: if synchronous_hardening { replicating.iter().copied().collect() } else { BTreeSet::new() },
             after_meta,
             local: Local::Waiting,
-            need_hardened: synchronous_hardening || (self.cfg.mode == Mode::Memory && replicating.is_empty()),
+            // Alone in memory mode, a node that lost its peers hardens what only it holds; a
+            // volume configured without peers is a plain local disk (flushes harden it).
+            need_hardened: synchronous_hardening
+                || (self.cfg.mode == Mode::Memory && !self.peers.is_empty() && replicating.is_empty()),
         };
         self.host.by_wid.insert(wid, id);
         self.host.writes.insert(id, write);
