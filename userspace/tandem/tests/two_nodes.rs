@@ -208,18 +208,53 @@ fn connected(n: &Node) -> bool {
     n.status().is_some_and(|s| s["peers"][0]["connection"] == "Connected" && s["disk"] == "UpToDate")
 }
 
+/// Two started, connected nodes of `mode` on loopback.
+fn connected_pair(dir: &Path, mode: &str) -> (Node, Node) {
+    let ports = [free_port(), free_port()];
+    let secret = "end-to-end-test-secret";
+    let mut n0 = Node::with(dir, 0, ports, secret, mode);
+    let mut n1 = Node::with(dir, 1, ports, secret, mode);
+    n0.start();
+    n1.start();
+    wait("the nodes to connect", || connected(&n0) && connected(&n1));
+    (n0, n1)
+}
+
+/// Lets the records clear, stops both nodes in order and compares the replicas byte for byte.
+fn down_and_compare(n0: &mut Node, n1: &mut Node) {
+    let clear = || n0.peer()["out_of_sync_tracks"] == 0 && n1.peer()["out_of_sync_tracks"] == 0;
+    let start = Instant::now();
+    while !clear() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the records did not clear:\n{:#}\n{:#}",
+            n0.status().unwrap_or_default(),
+            n1.status().unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for n in [&*n0, &*n1] {
+        if n.status().is_some_and(|s| s["role"] == "Primary") {
+            n.tandem(&["secondary"]);
+        }
+    }
+    n0.tandem(&["down"]);
+    n1.tandem(&["down"]);
+    for n in [&mut *n0, &mut *n1] {
+        if let Some(mut child) = n.daemon.take() {
+            assert!(child.wait().unwrap().success(), "node {} exits cleanly after down", n.id);
+        }
+    }
+    assert!(std::fs::read(n0.image()).unwrap() == std::fs::read(n1.image()).unwrap(), "replicas are identical");
+}
+
 #[test]
 fn failover_and_failback_keep_every_file_and_resync_only_recorded_tracks() {
     if !can_run() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let ports = [free_port(), free_port()];
-    let mut n0 = Node::new(dir.path(), 0, ports);
-    let mut n1 = Node::new(dir.path(), 1, ports);
-    n0.start();
-    n1.start();
-    wait("the nodes to connect", || connected(&n0) && connected(&n1));
+    let (mut n0, mut n1) = connected_pair(dir.path(), "memory");
 
     // ext4 on the primary's replicated device.
     n0.tandem(&["primary"]);
@@ -270,15 +305,7 @@ fn failover_and_failback_keep_every_file_and_resync_only_recorded_tracks() {
     }
     n0.tandem(&["secondary"]);
     // Replicas converge: once the records are clear, the backing files are identical.
-    wait("the records to clear", || n0.peer()["out_of_sync_tracks"] == 0 && n1.peer()["out_of_sync_tracks"] == 0);
-    n0.tandem(&["down"]);
-    n1.tandem(&["down"]);
-    for n in [&mut n0, &mut n1] {
-        if let Some(mut child) = n.daemon.take() {
-            assert!(child.wait().unwrap().success(), "node {} exits cleanly after down", n.id);
-        }
-    }
-    assert!(std::fs::read(n0.image()).unwrap() == std::fs::read(n1.image()).unwrap(), "replicas are identical");
+    down_and_compare(&mut n0, &mut n1);
 }
 
 #[test]
@@ -305,12 +332,7 @@ fn split_brain_is_detected_refused_and_resolved_by_invalidate() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let ports = [free_port(), free_port()];
-    let mut n0 = Node::new(dir.path(), 0, ports);
-    let mut n1 = Node::new(dir.path(), 1, ports);
-    n0.start();
-    n1.start();
-    wait("the nodes to connect", || connected(&n0) && connected(&n1));
+    let (mut n0, mut n1) = connected_pair(dir.path(), "memory");
     n0.tandem(&["primary"]);
     sh("mkfs.ext4", &["-q", "-F", &n0.device()]);
     wait("the records to shrink", || n0.peer()["out_of_sync_tracks"].as_u64().unwrap() < 16);
@@ -423,13 +445,7 @@ fn kill_9_under_write_load(mode: &str) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let ports = [free_port(), free_port()];
-    let secret = "end-to-end-test-secret";
-    let mut n0 = Node::with(dir.path(), 0, ports, secret, mode);
-    let mut n1 = Node::with(dir.path(), 1, ports, secret, mode);
-    n0.start();
-    n1.start();
-    wait("the nodes to connect", || connected(&n0) && connected(&n1));
+    let (mut n0, n1) = connected_pair(dir.path(), mode);
     n0.tandem(&["primary"]);
     let device = n0.device();
     const BLOCKS: u64 = 2048; // the first 8 MiB: many rewrites of the same blocks
@@ -564,26 +580,7 @@ fn partition_and_cut_during_writes(mode: &str) {
     }
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
-    let clear = || n0.peer()["out_of_sync_tracks"] == 0 && n1.peer()["out_of_sync_tracks"] == 0;
-    let start = Instant::now();
-    while !clear() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the records did not clear:\n{:#}\n{:#}",
-            n0.status().unwrap_or_default(),
-            n1.status().unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    n0.tandem(&["secondary"]);
-    n0.tandem(&["down"]);
-    n1.tandem(&["down"]);
-    for n in [&mut n0, &mut n1] {
-        if let Some(mut child) = n.daemon.take() {
-            assert!(child.wait().unwrap().success());
-        }
-    }
-    assert!(std::fs::read(n0.image()).unwrap() == std::fs::read(n1.image()).unwrap(), "replicas are identical");
+    down_and_compare(&mut n0, &mut n1);
 }
 
 /// Two hosts in network namespaces joined by veth: replication across them, a link taken
@@ -623,14 +620,5 @@ fn two_hosts_in_namespaces_over_veth() {
     wait("the link to heal and node 1 to resync", || connected(&n0) && connected(&n1));
     assert!(n1.peer()["last_resync_bytes"].as_u64().unwrap() < 64 << 20, "only recorded tracks shipped");
     drop(fs);
-    n0.tandem(&["secondary"]);
-    wait("the records to clear", || n0.peer()["out_of_sync_tracks"] == 0 && n1.peer()["out_of_sync_tracks"] == 0);
-    n0.tandem(&["down"]);
-    n1.tandem(&["down"]);
-    for n in [&mut n0, &mut n1] {
-        if let Some(mut child) = n.daemon.take() {
-            assert!(child.wait().unwrap().success());
-        }
-    }
-    assert!(std::fs::read(n0.image()).unwrap() == std::fs::read(n1.image()).unwrap(), "replicas are identical");
+    down_and_compare(&mut n0, &mut n1);
 }
