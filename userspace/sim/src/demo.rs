@@ -61,6 +61,7 @@ fn connected(w: &World) -> bool {
 pub fn run(mode: Mode) -> Result<(), String> {
     let mut cfg = SimConfig::new(mode, FaultClass::Single);
     cfg.steps = 0;
+    cfg.disk_faults = false;
     let mut w = World::new(7, cfg);
     println!("== Tandem demo ({mode:?} mode): one 64 KiB volume, two nodes, simulated disks and link");
     println!("   (the daemon, real devices and TCP arrive with the next issue; this drives the same core)\n");

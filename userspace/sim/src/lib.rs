@@ -10,6 +10,7 @@
 
 pub mod demo;
 mod disk;
+pub mod scenarios;
 mod truth;
 mod world;
 
@@ -38,6 +39,8 @@ pub struct SimConfig {
     /// Check invariant 2 at every local write of a primary (white-box). Without it only the
     /// black-box checks remain: lost acknowledged writes and differing replicas at the end.
     pub live_record_check: bool,
+    /// Media errors on local writes (scripted scenarios turn them off).
+    pub disk_faults: bool,
     pub verbose: bool,
 }
 
@@ -50,6 +53,7 @@ impl SimConfig {
             faults,
             bugs: PlantedBugs::default(),
             live_record_check: true,
+            disk_faults: true,
             verbose: false,
         }
     }
@@ -64,6 +68,8 @@ pub struct Summary {
     pub crashes: u64,
     pub resyncs: u64,
     pub split_brains: u64,
+    /// Tracks compared by online verifies (their `VerifyReply`s delivered).
+    pub verified_tracks: u64,
 }
 
 #[derive(Clone, Debug)]

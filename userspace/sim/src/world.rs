@@ -92,6 +92,9 @@ pub struct World {
     /// Tracks the last completed resync shipped (from its `ResyncEnd`).
     last_resync_shipped: u64,
     violation: Option<(&'static str, String)>,
+    /// Blocks a script damaged behind the protocol's back: only then may a verify between
+    /// connected replicas find differences.
+    corrupted: Vec<(NodeId, u64)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,6 +147,7 @@ impl World {
             summary: Summary::default(),
             last_resync_shipped: 0,
             violation: None,
+            corrupted: Vec::new(),
             geometry,
             cfg,
         };
@@ -291,6 +295,12 @@ impl World {
                 if matches!(reason, Refusal::SplitBrain { .. }) {
                     self.summary.split_brains += 1;
                 }
+                if let (Refusal::VerifyDiffers { tracks }, true) = (&reason, self.corrupted.is_empty()) {
+                    self.violate(
+                        "3 (connected replicas are identical)",
+                        format!("node {id}'s verify found {tracks} tracks differing from node {peer}'s"),
+                    );
+                }
                 if let Refusal::Protocol(why) = &reason {
                     // The protocol never expects its own messages to be refused.
                     self.violate("protocol", format!("node {id} refused node {peer}: {why}"));
@@ -301,6 +311,9 @@ impl World {
     }
 
     fn disk_fault(&mut self) -> bool {
+        if !self.cfg.disk_faults {
+            return false;
+        }
         match self.cfg.faults {
             FaultClass::Single => self.rng.gen_bool(0.0005),
             FaultClass::Chaos => self.rng.gen_bool(0.001),
@@ -497,8 +510,10 @@ impl World {
                     return;
                 }
                 self.summary.messages += 1;
-                if let Message::ResyncEnd { tracks } = *msg {
-                    self.last_resync_shipped = tracks;
+                match *msg {
+                    Message::ResyncEnd { tracks } => self.last_resync_shipped = tracks,
+                    Message::VerifyReply { .. } => self.summary.verified_tracks += 1,
+                    _ => {}
                 }
                 self.log(format!("{from} -> {to}: {}", describe(&msg)));
                 self.feed(to, Event::Received { peer: from, msg: *msg });

@@ -48,6 +48,11 @@ fn hardening_without_draining_is_caught() {
     assert_caught(PlantedBugs { skip_destage_drain: true, ..Default::default() }, &["1", "2"]);
 }
 
+#[test]
+fn verifying_without_holding_racing_writes_is_caught() {
+    assert_caught(PlantedBugs { verify_without_hold: true, ..Default::default() }, &["3"]);
+}
+
 /// Without the white-box probe, the same bugs still show up from outside: an acknowledged
 /// write lost (1), replicas that differ after resync (2/3), or writes the other node never
 /// saw surviving a failover undetected (5).

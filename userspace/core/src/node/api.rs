@@ -2,7 +2,7 @@
 //! the errors and status it reports.
 
 use super::Meta;
-use crate::geometry::{Extent, Geometry, GeometryError, RangeId};
+use crate::geometry::{Extent, Geometry, GeometryError, RangeId, TrackId};
 use crate::types::{ConnState, DiskState, GenId, Generations, Mode, NodeId, Role};
 use crate::wire::{Message, MAX_NODES};
 use bytes::Bytes;
@@ -202,6 +202,8 @@ pub enum Refusal {
     SecondSource { other: NodeId },
     #[error("this node is going down")]
     Down,
+    #[error("verify found {tracks} differing tracks; reconnecting to resync them")]
+    VerifyDiffers { tracks: u64 },
 }
 
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
@@ -222,6 +224,16 @@ pub enum AdminError {
     IsPrimary,
     #[error("this node is shutting down")]
     ShuttingDown,
+    #[error("a verify against node {0} is running (stop it with `tandem verify --stop`)")]
+    Verifying(NodeId),
+    #[error("tracks {first}..+{count} are not within the volume's {tracks} tracks")]
+    TrackRange { first: TrackId, count: u64, tracks: u64 },
+    #[error("node {0} is not connected and in sync")]
+    NotConnected(NodeId),
+    #[error("no peer is connected and in sync to verify against")]
+    NoVerifyPeer,
+    #[error("node {0} is primary: run verify there (only the writing node can keep a verify free of races)")]
+    VerifyOnPrimary(NodeId),
 }
 
 /// What `tandem status` shows about one peer.
@@ -240,6 +252,26 @@ pub struct PeerStatus {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VerifyState {
+    Running,
+    /// Every track was compared. Differing tracks are resynced by the reconnection that
+    /// followed.
+    Finished,
+    Aborted(String),
+}
+
+/// A running or the last verify this node ran as source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub peer: NodeId,
+    pub first: TrackId,
+    pub tracks: u64,
+    pub compared: u64,
+    pub differing: Vec<TrackId>,
+    pub state: VerifyState,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Status {
     pub node: NodeId,
     pub role: Role,
@@ -247,6 +279,7 @@ pub struct Status {
     pub mode: Mode,
     pub generations: Generations,
     pub peers: Vec<PeerStatus>,
+    pub verify: Option<VerifyReport>,
 }
 
 /// Test-only switches that break one rule on purpose, so tests can show the simulator
@@ -259,4 +292,6 @@ pub struct PlantedBugs {
     pub clear_old_on_start: bool,
     /// Harden a destaged range without waiting for writes still in flight to it.
     pub skip_destage_drain: bool,
+    /// Serve verify requests without holding back the writes that race with their reads.
+    pub verify_without_hold: bool,
 }

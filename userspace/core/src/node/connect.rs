@@ -176,6 +176,7 @@ impl Node {
             && report.generations != self.meta.generations;
         let is_primary = report.role == Role::Primary;
         p.state = Some(report);
+        self.verify_peer_state(peer);
         if adopt {
             // The primary started a generation for writes another peer misses; this node
             // has those writes, so it belongs to the new generation too.
@@ -386,6 +387,7 @@ impl Node {
         }
         self.local.forget_peer(peer);
         self.local.orphan_flushes(peer);
+        self.verify_peer_lost(peer);
         self.scan_peer_lost(peer);
         self.host_peer_lost(peer);
         if self.meta.role == Role::Primary && was_replicating {

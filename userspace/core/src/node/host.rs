@@ -113,6 +113,7 @@ impl Node {
             *self.host.pending_tracks.entry(t).or_default() += 1;
         }
         self.resync_note_host_write(span);
+        self.verify_note_host_write(span);
         for p in self.peers.values_mut() {
             p.record.mark_span(span);
         }

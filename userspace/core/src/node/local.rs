@@ -32,7 +32,20 @@ pub(super) enum WriteFor {
 
 #[derive(Clone, Debug)]
 pub(super) enum OtherFor {
-    ResyncRead { peer: NodeId, track: TrackId },
+    ResyncRead {
+        peer: NodeId,
+        track: TrackId,
+    },
+    /// This node's copy of a track it verifies against a peer.
+    VerifyRead {
+        track: TrackId,
+    },
+    /// A peer's verify request; `None` once that connection is gone.
+    VerifyServe {
+        peer: Option<NodeId>,
+        track: TrackId,
+        digest: [u8; 32],
+    },
     Harden(HardenFor),
 }
 
@@ -194,6 +207,10 @@ impl Node {
         };
         match other {
             OtherFor::ResyncRead { peer, track } => self.resync_read_done(peer, track, io, data.unwrap_or_default()),
+            OtherFor::VerifyRead { track } => self.verify_read_done(track, io, data.unwrap_or_default()),
+            OtherFor::VerifyServe { peer, track, digest } => {
+                self.verify_serve_done(peer, track, digest, data.unwrap_or_default())
+            }
             OtherFor::Harden(why) => self.harden_done(why),
         }
     }

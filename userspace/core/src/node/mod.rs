@@ -19,10 +19,12 @@ mod replica;
 mod resync;
 #[cfg(test)]
 mod tests;
+mod verify;
 
 pub use api::*;
 pub use connect::{decide, Plan};
 pub use meta::Meta;
+pub use verify::track_digest;
 
 use crate::bitmap::DirtyMap;
 use crate::geometry::{Extent, Geometry, TrackId};
@@ -69,6 +71,11 @@ pub struct Node {
     rotated_for: BTreeSet<NodeId>,
     /// `shutdown` was called: no promotion any more.
     shutting_down: bool,
+    /// The verify this node runs as source, and the last one that ended.
+    verify: Option<verify::Verify>,
+    last_verify: Option<VerifyReport>,
+    /// Verify reads this node runs for its peers, and what waits for them.
+    serving: verify::Serving,
     actions: VecDeque<Action>,
     now: u64,
 }
@@ -143,6 +150,9 @@ impl Node {
             destage: destage::Destage::new(ranges),
             rotated_for: BTreeSet::new(),
             shutting_down: false,
+            verify: None,
+            last_verify: None,
+            serving: verify::Serving::default(),
             actions: VecDeque::new(),
             now: 0,
             cfg,
@@ -186,6 +196,10 @@ impl Node {
                 self.emit(Action::SetTimer { timer: Timer::Destage, at: now + self.cfg.destage_interval });
             }
         }
+        // Any event may complete the write a verify read waits for, or the read a held
+        // message waits for.
+        self.verify_release();
+        self.verify_pump();
     }
 
     /// Orderly shutdown: hardens the cache, then persists the records into `out_of_sync`
@@ -354,6 +368,8 @@ impl Node {
             && self.meta_durable == self.meta_version
             && self.destage.is_idle()
             && self.peers.values().all(|p| p.resync.is_none() && p.handshake.is_none())
+            && self.verify.is_none()
+            && self.serving.is_idle()
     }
 
     pub fn status(&self) -> Status {
@@ -376,6 +392,7 @@ impl Node {
                     last_resync: p.last_resync,
                 })
                 .collect(),
+            verify: self.verify_report(),
         }
     }
 
@@ -466,6 +483,12 @@ impl Node {
             // deliver these, and nothing in it can be trusted to apply.
             return;
         }
+        if let Some(msg) = self.verify_holds(peer, msg) {
+            self.dispatch(peer, msg);
+        }
+    }
+
+    fn dispatch(&mut self, peer: NodeId, msg: Message) {
         match msg {
             Message::State(report) => self.on_state(peer, report),
             Message::RecordPage { range, bits } => self.on_record_page(peer, range, bits),
@@ -490,6 +513,8 @@ impl Node {
             Message::ResyncData { track, payload } => self.on_resync_data(peer, track, payload),
             Message::ResyncAck { track } => self.on_resync_ack(peer, track),
             Message::ResyncEnd { tracks } => self.on_resync_end(peer, tracks),
+            Message::VerifyRequest { track, digest } => self.on_verify_request(peer, track, digest),
+            Message::VerifyReply { track, same } => self.on_verify_reply(peer, track, same),
             Message::Ping { nonce } => self.send(peer, Message::Pong { nonce }),
             Message::Pong { .. } => {}
             other => self.protocol_error(peer, format!("{} is not supported in {} mode", other.name(), self.cfg.mode)),

@@ -22,6 +22,9 @@ impl Node {
             Ok(span) => span,
             Err(e) => return self.protocol_error(peer, format!("replicated write: {e}")),
         };
+        if self.verify.is_some() {
+            self.verify_abort(format!("node {peer} is primary and writes here: run verify there"));
+        }
         let after_meta = self.record_received(peer, span);
         let disk_mode = self.cfg.mode == Mode::Disk;
         if disk_mode {

@@ -315,3 +315,64 @@ fn after_a_handshake_the_recorded_ranges_get_scanned_even_without_new_writes() {
     let a = drain(&mut n);
     assert!(a.contains(&Action::Send { peer: 0, msg: Message::DestageStart { range: 1 } }), "{a:?}");
 }
+
+#[test]
+fn verify_reads_a_busy_track_only_after_its_write_and_reports_a_difference() {
+    let mut n = connected_primary(Mode::Memory);
+    // A write to track 1 is in flight: the verify reads track 0, then waits.
+    n.handle(0, Event::HostWrite { id: 9, offset: 4096, data: Bytes::from(vec![1u8; 512]), fua: false });
+    drain(&mut n);
+    assert_eq!(n.verify(None, Some((0, 2))), Ok(1));
+    let a = drain(&mut n);
+    let reads: Vec<(IoId, u64)> = a
+        .iter()
+        .filter_map(|x| match x {
+            Action::ReadLocal { io, offset, .. } => Some((*io, *offset)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reads.iter().map(|r| r.1).collect::<Vec<_>>(), vec![0], "{a:?}");
+    n.handle(0, Event::IoDone { io: reads[0].0, result: Ok(Some(Bytes::from(vec![0u8; 4096]))) });
+    let a = drain(&mut n);
+    let digest = track_digest(&[0u8; 4096]);
+    assert!(a.contains(&Action::Send { peer: 1, msg: Message::VerifyRequest { track: 0, digest } }), "{a:?}");
+    n.handle(0, Event::Received { peer: 1, msg: Message::VerifyReply { track: 0, same: false } });
+    // The write completes; only then is track 1 read.
+    n.handle(0, Event::Received { peer: 1, msg: Message::ReceiptAck { id: 1 } });
+    let a = drain(&mut n);
+    let Some(Action::WriteLocal { io, .. }) = a.iter().find(|x| matches!(x, Action::WriteLocal { .. })) else {
+        panic!("{a:?}")
+    };
+    assert!(!a.iter().any(|x| matches!(x, Action::ReadLocal { .. })), "track 1 is still being written: {a:?}");
+    n.handle(0, Event::IoDone { io: *io, result: Ok(None) });
+    let a = drain(&mut n);
+    let Some(&Action::ReadLocal { io, offset: 4096, .. }) = a.iter().find(|x| matches!(x, Action::ReadLocal { .. }))
+    else {
+        panic!("{a:?}")
+    };
+    n.handle(0, Event::IoDone { io, result: Ok(Some(Bytes::from(vec![1u8; 4096]))) });
+    n.handle(0, Event::Received { peer: 1, msg: Message::VerifyReply { track: 1, same: true } });
+    let a = drain(&mut n);
+    let report = n.status().verify.expect("a verify ran");
+    assert_eq!((report.state, report.compared, report.differing), (VerifyState::Finished, 2, vec![0]));
+    assert!(n.meta().out_of_sync[0], "the difference survives a crash");
+    assert!(
+        a.iter().any(|x| matches!(x, Action::Disconnect { peer: 1, reason: Refusal::VerifyDiffers { tracks: 1 }, .. })),
+        "the reconnection resyncs it: {a:?}"
+    );
+    assert!(n.record(1).unwrap().is_marked(0));
+}
+
+#[test]
+fn verify_is_refused_with_a_reason() {
+    let mut n = connected_primary(Mode::Memory);
+    assert_eq!(n.verify(Some(2), None), Err(AdminError::NotConnected(2)));
+    assert_eq!(n.verify(None, Some((10, 7))), Err(AdminError::TrackRange { first: 10, count: 7, tracks: 16 }));
+    assert_eq!(n.verify(None, Some((0, 0))), Err(AdminError::TrackRange { first: 0, count: 0, tracks: 16 }));
+    assert_eq!(n.verify(None, None), Ok(1));
+    assert_eq!(n.verify(None, None), Err(AdminError::Verifying(1)));
+    assert!(n.stop_verify());
+    let g = geometry();
+    let mut alone = Node::new(NodeConfig::new(0, vec![1], g, Mode::Memory), Meta::fresh(&g, 7), 1).unwrap();
+    assert_eq!(alone.verify(None, None), Err(AdminError::NoVerifyPeer));
+}

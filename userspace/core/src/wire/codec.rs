@@ -58,6 +58,8 @@
 //! | `0x0051` | `ResyncData`      | track u64, payload bytes                                      |
 //! | `0x0052` | `ResyncAck`       | track u64                                                     |
 //! | `0x0053` | `ResyncEnd`       | tracks u64                                                    |
+//! | `0x0054` | `VerifyRequest`   | track u64, digest 32 bytes (BLAKE3 of the track)              |
+//! | `0x0055` | `VerifyReply`     | track u64, same bool                                          |
 //! | `0x0060` | `ReadRequest`     | id u64, offset u64, len u32                                   |
 //! | `0x0061` | `ReadReply`       | id u64, payload bytes                                         |
 //! | `0x0070` | `AsyncCommit`     | group u32, cycle u64, writes u32                              |
@@ -134,6 +136,8 @@ pub mod msg_type {
     pub const RESYNC_DATA: u16 = 0x0051;
     pub const RESYNC_ACK: u16 = 0x0052;
     pub const RESYNC_END: u16 = 0x0053;
+    pub const VERIFY_REQUEST: u16 = 0x0054;
+    pub const VERIFY_REPLY: u16 = 0x0055;
     pub const READ_REQUEST: u16 = 0x0060;
     pub const READ_REPLY: u16 = 0x0061;
     pub const ASYNC_COMMIT: u16 = 0x0070;
@@ -239,6 +243,8 @@ pub fn message_type(msg: &Message) -> u16 {
         Message::ResyncData { .. } => RESYNC_DATA,
         Message::ResyncAck { .. } => RESYNC_ACK,
         Message::ResyncEnd { .. } => RESYNC_END,
+        Message::VerifyRequest { .. } => VERIFY_REQUEST,
+        Message::VerifyReply { .. } => VERIFY_REPLY,
         Message::ReadRequest { .. } => READ_REQUEST,
         Message::ReadReply { .. } => READ_REPLY,
         Message::AsyncCommit { .. } => ASYNC_COMMIT,
@@ -409,6 +415,14 @@ fn write_payload(msg: &Message, w: &mut impl Sink) {
             w.bytes(payload);
         }
         Message::ResyncAck { track } => w.u64(*track),
+        Message::VerifyRequest { track, digest } => {
+            w.u64(*track);
+            w.put(digest);
+        }
+        Message::VerifyReply { track, same } => {
+            w.u64(*track);
+            w.bool(*same);
+        }
         Message::ReadRequest { id, offset, len } => {
             w.u64(*id);
             w.u64(*offset);
@@ -667,6 +681,8 @@ fn decode_payload(ty: u16, payload: &[u8]) -> Result<Message, DecodeError> {
         RESYNC_DATA => "ResyncData",
         RESYNC_ACK => "ResyncAck",
         RESYNC_END => "ResyncEnd",
+        VERIFY_REQUEST => "VerifyRequest",
+        VERIFY_REPLY => "VerifyReply",
         READ_REQUEST => "ReadRequest",
         READ_REPLY => "ReadReply",
         ASYNC_COMMIT => "AsyncCommit",
@@ -734,6 +750,8 @@ fn decode_payload(ty: u16, payload: &[u8]) -> Result<Message, DecodeError> {
         RESYNC_DATA => Message::ResyncData { track: r.u64("track")?, payload: r.bytes("payload")? },
         RESYNC_ACK => Message::ResyncAck { track: r.u64("track")? },
         RESYNC_END => Message::ResyncEnd { tracks: r.u64("tracks")? },
+        VERIFY_REQUEST => Message::VerifyRequest { track: r.u64("track")?, digest: r.array("digest")? },
+        VERIFY_REPLY => Message::VerifyReply { track: r.u64("track")?, same: r.bool("same")? },
         READ_REQUEST => Message::ReadRequest { id: r.u64("id")?, offset: r.u64("offset")?, len: r.u32("len")? },
         READ_REPLY => Message::ReadReply { id: r.u64("id")?, payload: r.bytes("payload")? },
         ASYNC_COMMIT => {
@@ -826,6 +844,8 @@ mod tests {
             (any::<u64>(), arb_bytes()).prop_map(|(track, payload)| Message::ResyncData { track, payload }),
             any::<u64>().prop_map(|track| Message::ResyncAck { track }),
             any::<u64>().prop_map(|tracks| Message::ResyncEnd { tracks }),
+            (any::<u64>(), any::<[u8; 32]>()).prop_map(|(track, digest)| Message::VerifyRequest { track, digest }),
+            (any::<u64>(), any::<bool>()).prop_map(|(track, same)| Message::VerifyReply { track, same }),
             (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(id, offset, len)| Message::ReadRequest {
                 id,
                 offset,
@@ -879,6 +899,8 @@ mod tests {
             Message::ResyncData { track: 20, payload: bytes.clone() },
             Message::ResyncAck { track: 21 },
             Message::ResyncEnd { tracks: 33 },
+            Message::VerifyRequest { track: 34, digest: [0xA5; 32] },
+            Message::VerifyReply { track: 35, same: false },
             Message::ReadRequest { id: 22, offset: 23, len: 24 },
             Message::ReadReply { id: 25, payload: Bytes::new() },
             Message::AsyncCommit { group: 26, cycle: 27, writes: 28 },
@@ -925,8 +947,8 @@ mod tests {
         types.dedup();
         // `message_type` matches exhaustively, so a new variant fails to compile there; this
         // count then makes sure it also gets a sample here.
-        assert_eq!(types.len(), 30);
-        assert_eq!(samples.len(), 30);
+        assert_eq!(types.len(), 32);
+        assert_eq!(samples.len(), 32);
         for msg in &samples {
             let bytes = encoded(3, 4, msg);
             let (frame, used) = decode(&bytes).unwrap();
@@ -1267,7 +1289,7 @@ mod tests {
         )
     }
 
-    const KNOWN_TYPES: [u16; 30] = {
+    const KNOWN_TYPES: [u16; 32] = {
         use msg_type::*;
         [
             HELLO,
@@ -1296,6 +1318,8 @@ mod tests {
             RESYNC_DATA,
             RESYNC_ACK,
             RESYNC_END,
+            VERIFY_REQUEST,
+            VERIFY_REPLY,
             READ_REQUEST,
             READ_REPLY,
             ASYNC_COMMIT,

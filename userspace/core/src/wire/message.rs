@@ -158,6 +158,16 @@ pub enum Message {
     ResyncEnd {
         tracks: u64,
     },
+    /// Online verify: "this is the digest of `track` on my device; compare yours".
+    VerifyRequest {
+        track: TrackId,
+        digest: [u8; 32],
+    },
+    /// The target compared its copy of `track` with the request's digest.
+    VerifyReply {
+        track: TrackId,
+        same: bool,
+    },
     /// Seed 002: a read at the secondary of a track its record marks stale.
     ReadRequest {
         id: u64,
@@ -215,6 +225,8 @@ impl Message {
             Message::ResyncData { .. } => "ResyncData",
             Message::ResyncAck { .. } => "ResyncAck",
             Message::ResyncEnd { .. } => "ResyncEnd",
+            Message::VerifyRequest { .. } => "VerifyRequest",
+            Message::VerifyReply { .. } => "VerifyReply",
             Message::ReadRequest { .. } => "ReadRequest",
             Message::ReadReply { .. } => "ReadReply",
             Message::AsyncCommit { .. } => "AsyncCommit",

@@ -65,7 +65,8 @@ fn main() -> ExitCode {
         None => (args.first..args.first + args.seeds).collect(),
     };
     let started = Instant::now();
-    let (mut failed, mut events, mut acked, mut crashes, mut splits) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut failed, mut events, mut acked, mut crashes, mut splits, mut verified) =
+        (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
     for &seed in &seeds {
         let mut cfg = config_for_seed(seed, args.nodes, args.steps);
         cfg.verbose = args.verbose;
@@ -78,6 +79,7 @@ fn main() -> ExitCode {
                 acked += s.acknowledged;
                 crashes += s.crashes;
                 splits += s.split_brains;
+                verified += s.verified_tracks;
             }
             Err(f) => {
                 failed += 1;
@@ -87,13 +89,14 @@ fn main() -> ExitCode {
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "sim: {} runs, {} failed, {} events, {} acknowledged writes, {} crashes, {} split brains refused, {:.0} runs/s",
+        "sim: {} runs, {} failed, {} events, {} acknowledged writes, {} crashes, {} split brains refused, {} tracks verified, {:.0} runs/s",
         seeds.len(),
         failed,
         events,
         acked,
         crashes,
         splits,
+        verified,
         seeds.len() as f64 / secs.max(1e-9)
     );
     println!("sim: {} passed, {} failed", seeds.len() as u64 - failed, failed);

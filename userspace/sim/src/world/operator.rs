@@ -62,6 +62,9 @@ impl World {
         }
         self.failover(chaos);
         self.resolve_refusals();
+        if self.rng.gen_bool(0.25) {
+            self.start_verify();
+        }
         if !chaos && self.healthy() && self.rng.gen_bool(0.1) {
             self.failback();
         }
@@ -177,6 +180,20 @@ impl World {
             self.schedule(300, Ev::Connect { a, b });
         }
     }
+    /// `tandem verify` on the primary (or any node while none is primary), while the host
+    /// keeps writing and faults keep coming: connected replicas must compare equal.
+    pub(super) fn start_verify(&mut self) {
+        let id = self.primary().unwrap_or_else(|| self.rng.gen_range(0..self.cfg.nodes as NodeId));
+        let tracks = self.geometry.track_count();
+        let first = self.rng.gen_range(0..tracks);
+        let count = self.rng.gen_range(1..=tracks - first);
+        let Some(node) = self.nodes[id as usize].node.as_mut() else { return };
+        if let Ok(peer) = node.verify(None, Some((first, count))) {
+            self.log(format!("operator verifies node {id} against node {peer}, tracks {first}..+{count}"));
+            self.drain(id);
+        }
+    }
+
     /// An operator's `down` of a secondary: the node hardens and persists, then exits.
     pub(super) fn begin_shutdown(&mut self, id: NodeId) {
         let secondary = self.nodes[id as usize].node.as_ref().is_some_and(|n| n.role() == Role::Secondary);

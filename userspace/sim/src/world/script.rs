@@ -80,4 +80,20 @@ impl World {
     pub(crate) fn script_messages(&self) -> u64 {
         self.summary.messages
     }
+
+    /// Damages one block of node `id`'s device behind the protocol's back (bit rot, a stray
+    /// write): only an online verify can find it.
+    pub(crate) fn script_corrupt(&mut self, id: NodeId, block: u64) {
+        let disk = &mut self.nodes[id as usize].disk;
+        let rotten = !disk.read_block(block);
+        disk.stable[block as usize] = rotten;
+        disk.cache.remove(&block);
+        self.corrupted.push((id, block));
+        self.log(format!("(script) block {block} of node {id} rots"));
+    }
+
+    /// A violation the live checks found so far.
+    pub(crate) fn script_violation(&self) -> Option<String> {
+        self.violation.as_ref().map(|(invariant, detail)| format!("invariant {invariant}: {detail}"))
+    }
 }
