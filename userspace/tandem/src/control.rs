@@ -12,11 +12,20 @@ use std::time::Duration;
 pub enum Request {
     Status,
     Dirty,
-    Primary { force: bool },
+    Primary {
+        force: bool,
+    },
     Secondary,
     Invalidate,
     Connect,
     Down,
+    /// Compare this replica with a peer's (all tracks by default).
+    Verify {
+        peer: Option<u8>,
+        first: Option<u64>,
+        count: Option<u64>,
+    },
+    VerifyStop,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,9 +48,32 @@ pub struct StatusView {
     pub role: String,
     pub disk: String,
     pub mode: String,
+    pub track_size: u32,
     pub device: Option<String>,
     pub generation: String,
     pub peers: Vec<PeerView>,
+    /// The verify running now, or the last one this node ran.
+    pub verify: Option<VerifyView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyView {
+    pub peer: u8,
+    pub first_track: u64,
+    pub tracks: u64,
+    pub compared: u64,
+    pub differing_tracks: u64,
+    /// The differing tracks as runs.
+    pub differing: Vec<TrackRun>,
+    /// `running`, `finished` or `aborted`.
+    pub state: String,
+    pub aborted: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackRun {
+    pub first_track: u64,
+    pub tracks: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,8 +87,9 @@ pub struct DirtyRun {
 #[serde(tag = "reply", rename_all = "kebab-case")]
 pub enum Reply {
     Ok,
-    Status(StatusView),
+    Status(Box<StatusView>),
     Dirty { track_size: u32, runs: Vec<DirtyRun> },
+    Verifying { peer: u8 },
     Error { message: String },
 }
 

@@ -3,7 +3,7 @@
 //! it through one channel, so the protocol logic stays single-threaded and sans-IO.
 
 use crate::config::Config;
-use crate::control::{DirtyRun, PeerView, Reply, Request, StatusView};
+use crate::control::{DirtyRun, PeerView, Reply, Request, StatusView, TrackRun, VerifyView};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -183,7 +183,7 @@ impl<E: Edges> Daemon<E> {
             Err(e) => Reply::Error { message: e.to_string() },
         };
         let answer = match request {
-            Request::Status => Reply::Status(self.status()),
+            Request::Status => Reply::Status(Box::new(self.status())),
             Request::Dirty => Reply::Dirty { track_size: self.config.geometry.track_size(), runs: self.dirty() },
             Request::Primary { force } => admin(self.node.promote(force)),
             Request::Secondary => admin(self.node.demote()),
@@ -194,6 +194,29 @@ impl<E: Edges> Daemon<E> {
                     self.edges.reconnect(peer);
                 }
                 Reply::Ok
+            }
+            Request::Verify { peer, first, count } => {
+                let tracks = match (first, count) {
+                    (None, None) => None,
+                    (first, count) => {
+                        let first = first.unwrap_or(0);
+                        Some((first, count.unwrap_or(self.config.geometry.track_count().saturating_sub(first))))
+                    }
+                };
+                match self.node.verify(peer, tracks) {
+                    Ok(peer) => {
+                        tracing::info!(peer, ?tracks, "verify started");
+                        Reply::Verifying { peer }
+                    }
+                    Err(e) => Reply::Error { message: e.to_string() },
+                }
+            }
+            Request::VerifyStop => {
+                if self.node.stop_verify() {
+                    Reply::Ok
+                } else {
+                    Reply::Error { message: "no verify is running".into() }
+                }
             }
             Request::Down => match self.node.shutdown() {
                 Ok(()) => {
@@ -216,6 +239,7 @@ impl<E: Edges> Daemon<E> {
             role: s.role.to_string(),
             disk: s.disk.to_string(),
             mode: format!("{:?}", s.mode).to_lowercase(),
+            track_size: self.config.geometry.track_size(),
             device: self.edges.device(),
             generation: format!("{:#018x}", s.generations.current),
             peers: s
@@ -232,6 +256,7 @@ impl<E: Edges> Daemon<E> {
                     last_resync_bytes: p.last_resync.map(|t| t * track),
                 })
                 .collect(),
+            verify: s.verify.map(verify_view),
         }
     }
 
@@ -247,6 +272,32 @@ impl<E: Edges> Daemon<E> {
             }
         }
         runs
+    }
+}
+
+fn verify_view(v: tandem_core::node::VerifyReport) -> VerifyView {
+    use tandem_core::node::VerifyState;
+    let mut differing: Vec<TrackRun> = Vec::new();
+    for &t in &v.differing {
+        match differing.last_mut() {
+            Some(run) if run.first_track + run.tracks == t => run.tracks += 1,
+            _ => differing.push(TrackRun { first_track: t, tracks: 1 }),
+        }
+    }
+    let (state, aborted) = match v.state {
+        VerifyState::Running => ("running", None),
+        VerifyState::Finished => ("finished", None),
+        VerifyState::Aborted(why) => ("aborted", Some(why)),
+    };
+    VerifyView {
+        peer: v.peer,
+        first_track: v.first,
+        tracks: v.tracks,
+        compared: v.compared,
+        differing_tracks: v.differing.len() as u64,
+        differing,
+        state: state.into(),
+        aborted,
     }
 }
 

@@ -4,12 +4,14 @@
 mod config;
 mod control;
 mod daemon;
+mod report;
 mod runtime;
+mod watch;
 
 use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 use config::Config;
-use control::{Reply, Request, StatusView};
+use control::{Reply, Request};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -32,8 +34,38 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Role, connection, disk state, device, out-of-sync bytes and resync progress
+    /// Start the daemon in the background and wait until it exposes the volume
+    Up {
+        /// Where the daemon's log goes (default: the metadata file's path with `.log`)
+        #[arg(long)]
+        log: Option<PathBuf>,
+    },
+    /// Role, connection, disk state, device, out-of-sync bytes, resync and verify progress
     Status {
+        #[arg(long)]
+        json: bool,
+        /// Show progress bars until every peer is connected and in sync and no verify runs
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
+    },
+    /// Compare this replica with a peer's by per-track checksums; differing tracks are
+    /// marked out of sync and resynced. Exit status: 0 identical, 2 differences, 1 error
+    Verify {
+        /// The peer to compare with (default: the connected one)
+        #[arg(long)]
+        peer: Option<u8>,
+        /// First track to compare
+        #[arg(long)]
+        first: Option<u64>,
+        /// Number of tracks to compare (default: to the end of the volume)
+        #[arg(long)]
+        count: Option<u64>,
+        /// Start it and return; `tandem status` shows the progress
+        #[arg(long)]
+        no_wait: bool,
+        /// Stop the running verify (differences found so far stay marked)
+        #[arg(long, conflicts_with_all = ["peer", "first", "count", "no_wait"])]
+        stop: bool,
         #[arg(long)]
         json: bool,
     },
@@ -64,7 +96,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("tandem: {e:#}");
             ExitCode::FAILURE
@@ -72,21 +104,29 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Man { dir } => {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             clap_mangen::generate_to(Cli::command(), &dir).with_context(|| format!("writing to {}", dir.display()))?;
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "tandem", &mut std::io::stdout());
-            Ok(())
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify { stop: true, .. } => {
+            simple(&Config::load(&cli.config)?, Request::VerifyStop).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Verify { peer, first, count, no_wait, json, stop: false } => {
+            watch::verify(&Config::load(&cli.config)?, Request::Verify { peer, first, count }, !no_wait, json)
         }
         command => {
             let config = Config::load(&cli.config)?;
             match command {
-                Command::Status { json } => status(&config, json),
+                Command::Up { log } => watch::up(&config, log),
+                Command::Status { watch: true, .. } => watch::status_watch(&config),
+                Command::Status { json, .. } => status(&config, json),
                 Command::Dirty { json } => dirty(&config, json),
                 Command::Primary { force } => simple(&config, Request::Primary { force }),
                 Command::Secondary => simple(&config, Request::Secondary),
@@ -98,8 +138,11 @@ fn run(cli: Cli) -> Result<()> {
                     runtime::run_daemon(config)
                 }
                 Command::CreateMd { force } => runtime::create_metadata(&config, force),
-                Command::Man { .. } | Command::Completions { .. } => unreachable!("handled above"),
+                Command::Man { .. } | Command::Completions { .. } | Command::Verify { .. } => {
+                    unreachable!("handled above")
+                }
             }
+            .map(|()| ExitCode::SUCCESS)
         }
     }
 }
@@ -107,7 +150,9 @@ fn run(cli: Cli) -> Result<()> {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // `tandem up` sends the log to a file: no colour codes there.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 }
 
 fn simple(config: &Config, request: Request) -> Result<()> {
@@ -123,54 +168,9 @@ fn status(config: &Config, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {
-        print!("{}", render_status(&s));
+        print!("{}", report::render_status(&s));
     }
     Ok(())
-}
-
-/// `drbdadm status`-like text, the shape DRBD operators read.
-fn render_status(s: &StatusView) -> String {
-    let mut out = format!("{} role:{}\n", s.volume, s.role);
-    out += &format!(
-        "  disk:{} mode:{} device:{} generation:{}\n",
-        s.disk,
-        s.mode,
-        s.device.as_deref().unwrap_or("-"),
-        s.generation
-    );
-    for p in &s.peers {
-        out += &format!(
-            "  peer-{} connection:{} role:{} disk:{}\n    out-of-sync: {} ({} tracks)",
-            p.peer,
-            p.connection,
-            p.role.as_deref().unwrap_or("Unknown"),
-            p.disk.as_deref().unwrap_or("DUnknown"),
-            human_bytes(p.out_of_sync_bytes),
-            p.out_of_sync_tracks
-        );
-        if let Some((done, total)) = p.resync {
-            out += &format!("  resync: {done}/{total} tracks");
-        } else if let Some(bytes) = p.last_resync_bytes {
-            out += &format!("  last resync: {}", human_bytes(bytes));
-        }
-        out += "\n";
-    }
-    out
-}
-
-fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 fn dirty(config: &Config, json: bool) -> Result<()> {
@@ -179,19 +179,8 @@ fn dirty(config: &Config, json: bool) -> Result<()> {
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&runs)?);
-        return Ok(());
-    }
-    for r in runs {
-        let start = r.first_track * u64::from(track_size);
-        println!(
-            "peer-{} tracks {}..{} (bytes {}..{}, {})",
-            r.peer,
-            r.first_track,
-            r.first_track + r.tracks,
-            start,
-            start + r.tracks * u64::from(track_size),
-            human_bytes(r.tracks * u64::from(track_size))
-        );
+    } else {
+        print!("{}", report::render_dirty(track_size, &runs));
     }
     Ok(())
 }
