@@ -74,6 +74,8 @@ pub struct Node {
     /// The verify this node runs as source, and the last one that ended.
     verify: Option<verify::Verify>,
     last_verify: Option<VerifyReport>,
+    /// A verify found differences with this peer: reconnect to resync them.
+    verify_resync: Option<(NodeId, u64)>,
     /// Verify reads this node runs for its peers, and what waits for them.
     serving: verify::Serving,
     actions: VecDeque<Action>,
@@ -152,6 +154,7 @@ impl Node {
             shutting_down: false,
             verify: None,
             last_verify: None,
+            verify_resync: None,
             serving: verify::Serving::default(),
             actions: VecDeque::new(),
             now: 0,
@@ -200,6 +203,7 @@ impl Node {
         // message waits for.
         self.verify_release();
         self.verify_pump();
+        self.verify_reconnect();
     }
 
     /// Orderly shutdown: hardens the cache, then persists the records into `out_of_sync`

@@ -135,6 +135,7 @@ impl Node {
     pub fn stop_verify(&mut self) -> bool {
         let running = self.verify.is_some();
         self.verify_abort("stopped by the operator".into());
+        self.verify_reconnect();
         running
     }
 
@@ -148,7 +149,33 @@ impl Node {
 
     pub(super) fn verify_abort(&mut self, why: String) {
         if let Some(v) = self.verify.take() {
-            self.last_verify = Some(v.report(VerifyState::Aborted(why)));
+            self.verify_ended(v, VerifyState::Aborted(why));
+        }
+    }
+
+    /// Keeps the report; differences found (all of them, or those found before an abort)
+    /// are resynced by a new connection, dropped once the current event is handled.
+    fn verify_ended(&mut self, v: Verify, state: VerifyState) {
+        self.last_verify = Some(v.report(state));
+        if v.differing.not_any() {
+            return;
+        }
+        // Destage scans may have cleared some marks from the record since; the record is
+        // what the next handshake resyncs.
+        let p = self.peers.get_mut(&v.peer).expect("peer");
+        for t in v.differing.iter_ones() {
+            p.record.mark(t as TrackId);
+        }
+        self.verify_resync = Some((v.peer, v.differing.count_ones() as u64));
+    }
+
+    /// Drops the connection a verify found differences on (not from inside the handlers
+    /// that end a verify: they go on using the peer).
+    pub(super) fn verify_reconnect(&mut self) {
+        if let Some((peer, tracks)) = self.verify_resync.take() {
+            if super::is_linked(self.peers[&peer].conn) {
+                self.drop_peer(peer, Refusal::VerifyDiffers { tracks }, false);
+            }
         }
     }
 
@@ -189,19 +216,7 @@ impl Node {
 
     fn verify_finished(&mut self) {
         let v = self.verify.take().expect("verify");
-        let report = v.report(VerifyState::Finished);
-        let differing = report.differing.len() as u64;
-        self.last_verify = Some(report);
-        if differing == 0 {
-            return;
-        }
-        // Destage scans may have cleared some marks from the record since; the record is
-        // what the next handshake resyncs.
-        let p = self.peers.get_mut(&v.peer).expect("peer");
-        for t in v.differing.iter_ones() {
-            p.record.mark(t as TrackId);
-        }
-        self.drop_peer(v.peer, Refusal::VerifyDiffers { tracks: differing }, false);
+        self.verify_ended(v, VerifyState::Finished);
     }
 
     pub(super) fn verify_note_host_write(&mut self, span: TrackSpan) {
