@@ -8,10 +8,11 @@ use crate::tools::is_root;
 /// Debian packages `cargo xtask test` needs. The one place to add clang, bpftool, fuse3, qemu...
 pub const APT_PACKAGES: &[&str] = &[
     // The end-to-end tests: ext4 on the replicated device, mount, loop devices, nsenter,
-    // network namespaces and veth.
+    // network namespaces and veth; nftables for the tests' packet loss and silent partitions.
     "e2fsprogs",
     "iproute2",
     "mount",
+    "nftables",
     "util-linux",
 ];
 

@@ -1,13 +1,17 @@
 //! `cargo xtask bench`: fio on the replicated device against the same frontend and store
-//! without a peer (the volume unreplicated), in `memory` and `disk` modes; printed as ratios
-//! measured in the same run. Needs root (FUSE, loop devices) and fio (installed with apt).
-//! Not yet: the 1 ms RTT rows (the link emulator has no delay yet).
+//! without a peer (the volume unreplicated), in `memory` and `disk` modes, with the nodes on
+//! loopback (≈ 0 RTT) and with a 1 ms round trip between them (a forwarder delaying each
+//! direction by 0.5 ms, `tandem_testnet::link::Link`); printed as ratios measured in the
+//! same run. Needs root (FUSE, loop devices) and fio (installed with apt).
 
 use anyhow::{bail, Context, Result};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
+use tandem_testnet::link::Link;
+
+use crate::cluster::{free_port, wait, Node, Volume};
 use crate::cmd::Cmd;
 use crate::paths::workspace_root;
 use crate::tools::is_root;
@@ -34,14 +38,30 @@ struct Result1 {
     p50_us: f64,
 }
 
-struct Daemon(Child);
+/// How a benched volume is replicated.
+#[derive(Clone, Copy)]
+enum Setup {
+    /// No peer: the same frontend and store as a plain local disk.
+    Alone,
+    /// Two nodes on loopback.
+    Replicated,
+    /// Two nodes on loopback, node 0 dialing node 1 through a forwarder that delays every
+    /// chunk by this much each way.
+    Delayed(Duration),
+}
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+impl Setup {
+    fn label(self) -> String {
+        match self {
+            Setup::Alone => "unreplicated".into(),
+            Setup::Replicated => "replicated, 0 RTT".into(),
+            Setup::Delayed(d) => format!("replicated, {:?} RTT", d * 2),
+        }
     }
 }
+
+/// Half of the emulated round trip.
+const ONE_WAY: Duration = Duration::from_micros(500);
 
 pub fn run() -> Result<()> {
     if !is_root()? || !Path::new("/dev/fuse").exists() {
@@ -60,107 +80,81 @@ pub fn run() -> Result<()> {
 fn bench_all(tandem: &Path, dir: &Path) -> Result<()> {
     let mut rows = Vec::new();
     for mode in ["memory", "disk"] {
-        let alone = bench_volume(tandem, &dir.join(format!("{mode}-alone")), mode, false)?;
-        let replicated = bench_volume(tandem, &dir.join(format!("{mode}-replicated")), mode, true)?;
-        rows.push((mode, alone, replicated));
+        let mut results = Vec::new();
+        for (k, setup) in [Setup::Alone, Setup::Replicated, Setup::Delayed(ONE_WAY)].into_iter().enumerate() {
+            results.push(bench_volume(tandem, &dir.join(format!("{mode}-{k}")), mode, setup)?);
+        }
+        rows.push((mode, results));
     }
-    println!("\n| mode | job | unreplicated | replicated | ratio |");
-    println!("|---|---|---|---|---|");
-    for (mode, alone, replicated) in &rows {
+    println!("\n| mode | job | unreplicated | replicated, 0 RTT | ratio | replicated, 1 ms RTT | ratio |");
+    println!("|---|---|---|---|---|---|---|");
+    for (mode, results) in &rows {
         for (i, job) in JOBS.iter().enumerate() {
-            let (a, r) = (alone[i], replicated[i]);
-            let (unit, va, vr, ratio) = match i {
-                0 => ("p50 µs", a.p50_us, r.p50_us, r.p50_us / a.p50_us),
-                1 => ("IOPS", a.iops, r.iops, r.iops / a.iops),
-                _ => ("MiB/s", a.bw_mib, r.bw_mib, r.bw_mib / a.bw_mib),
+            let (unit, value): (&str, fn(&Result1) -> f64) = match i {
+                0 => ("p50 µs", |r| r.p50_us),
+                1 => ("IOPS", |r| r.iops),
+                _ => ("MiB/s", |r| r.bw_mib),
             };
-            println!("| {mode} | {} ({unit}) | {va:.0} | {vr:.0} | {ratio:.2} |", job.name);
+            let alone = value(&results[0][i]);
+            let (near, far) = (value(&results[1][i]), value(&results[2][i]));
+            println!(
+                "| {mode} | {} ({unit}) | {alone:.0} | {near:.0} | {:.2} | {far:.0} | {:.2} |",
+                job.name,
+                near / alone,
+                far / alone
+            );
         }
     }
-    println!("\n(latency ratio: replicated / unreplicated, lower is better; IOPS and MiB/s: higher is better)");
+    println!(
+        "\n(ratio: replicated / unreplicated; latency: lower is better; IOPS and MiB/s: higher is better. \
+         1 ms RTT: a forwarder delays each direction by {ONE_WAY:?})"
+    );
     Ok(())
 }
 
-fn config(dir: &Path, id: u8, mode: &str, ports: [u16; 2], replicated: bool) -> Result<PathBuf> {
-    let path = dir.join(format!("node{id}.toml"));
-    let peer = if replicated {
-        format!("\n[[peer]]\nid = {}\naddress = \"127.0.0.1:{}\"\n", 1 - id, ports[1 - id as usize])
-    } else {
-        String::new()
-    };
-    std::fs::write(
-        &path,
-        format!(
-            "[volume]\nname = \"bench\"\nid = 3\nsize = \"{SIZE}\"\nmode = \"{mode}\"\nsecret = \"bench-secret-0123456789\"\n\n\
-             [node]\nid = {id}\ndata = \"{d}/node{id}.img\"\nmeta = \"{d}/node{id}.meta\"\nlisten = \"127.0.0.1:{me}\"\n\
-             control = \"{d}/node{id}.sock\"\nmountpoint = \"{d}/fuse{id}\"\n{peer}",
-            d = dir.display(),
-            me = ports[id as usize],
-        ),
-    )?;
-    Ok(path)
-}
-
-fn tandem_cmd(tandem: &Path, config: &Path, args: &[&str]) -> Result<String> {
-    let out = Command::new(tandem).arg("-c").arg(config).args(args).output()?;
-    if !out.status.success() {
-        bail!("tandem {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn status(tandem: &Path, config: &Path) -> Option<serde_json::Value> {
-    tandem_cmd(tandem, config, &["status", "--json"]).ok().and_then(|s| serde_json::from_str(&s).ok())
-}
-
-fn wait(what: &str, done: impl Fn() -> bool) -> Result<()> {
-    let start = Instant::now();
-    while !done() {
-        if start.elapsed() > Duration::from_secs(60) {
-            bail!("timed out waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
-}
-
-fn bench_volume(tandem: &Path, dir: &Path, mode: &str, replicated: bool) -> Result<Vec<Result1>> {
+fn bench_volume(tandem: &Path, dir: &Path, mode: &str, setup: Setup) -> Result<Vec<Result1>> {
     std::fs::create_dir_all(dir)?;
-    let ports = [
-        std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port(),
-        std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port(),
-    ];
-    let nodes: Vec<u8> = if replicated { vec![0, 1] } else { vec![0] };
-    let mut daemons = Vec::new();
-    let mut configs = Vec::new();
-    for &id in &nodes {
-        let config = config(dir, id, mode, ports, replicated)?;
-        tandem_cmd(tandem, &config, &["create-md"])?;
-        let log = std::fs::File::create(dir.join(format!("node{id}.log")))?;
-        let child =
-            Command::new(tandem).arg("-c").arg(&config).arg("daemon").stdout(Stdio::null()).stderr(log).spawn()?;
-        daemons.push(Daemon(child));
-        wait("the daemon", || status(tandem, &config).is_some())?;
-        configs.push(config);
+    let volume = Volume { name: "bench", id: 3, size: SIZE, mode, secret: "bench-secret-0123456789" };
+    let ports = [free_port()?, free_port()?];
+    let listen = |id: usize| format!("127.0.0.1:{}", ports[id]);
+    // Node 0 dials node 1 (the lower id dials): through the forwarder when there is one.
+    let link = match setup {
+        Setup::Delayed(one_way) => Some(Link::loopback(ports[1])?.with_delay(one_way)),
+        _ => None,
+    };
+    let mut nodes = match setup {
+        Setup::Alone => vec![Node::new(tandem, dir, 0, &volume, &listen(0), None, Vec::new())?],
+        _ => {
+            let to_node1 = match &link {
+                Some(link) => format!("127.0.0.1:{}", link.port()),
+                None => listen(1),
+            };
+            vec![
+                Node::new(tandem, dir, 0, &volume, &listen(0), Some(&to_node1), Vec::new())?,
+                Node::new(tandem, dir, 1, &volume, &listen(1), Some(&listen(0)), Vec::new())?,
+            ]
+        }
+    };
+    for node in &mut nodes {
+        node.tandem(&["create-md"])?;
+        node.start()?;
     }
-    if replicated {
-        wait("the nodes to connect", || {
-            configs.iter().all(|c| status(tandem, c).is_some_and(|s| s["peers"][0]["connection"] == "Connected"))
-        })?;
+    if nodes.len() == 2 {
+        wait("the nodes to connect", || nodes.iter().all(Node::connected))?;
     }
-    tandem_cmd(tandem, &configs[0], &["primary"])?;
-    let device = status(tandem, &configs[0]).and_then(|s| s["device"].as_str().map(str::to_owned)).context("device")?;
+    nodes[0].tandem(&["primary"])?;
+    let device = nodes[0].device()?;
     let mut results = Vec::new();
     for job in JOBS {
-        println!("bench: {mode} {} {}", if replicated { "replicated" } else { "unreplicated" }, job.name);
+        println!("bench: {mode} {} {}", setup.label(), job.name);
         results.push(fio(&device, job)?);
     }
-    tandem_cmd(tandem, &configs[0], &["secondary"])?;
-    for c in configs.iter().rev() {
-        let _ = tandem_cmd(tandem, c, &["down"]);
+    nodes[0].tandem(&["secondary"])?;
+    for node in nodes.iter().rev() {
+        let _ = node.tandem(&["down"]);
     }
-    for mut d in daemons {
-        let _ = d.0.wait();
+    for node in &mut nodes {
+        let _ = node.wait_exit();
     }
     Ok(results)
 }

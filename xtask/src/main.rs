@@ -4,6 +4,7 @@
 
 mod apt;
 mod bench;
+mod cluster;
 mod cmd;
 mod demo;
 mod fuzz;
@@ -27,7 +28,7 @@ struct Cli {
 enum Task {
     /// The main job: a narrated failover and failback of one replicated volume on two nodes
     Demo(demo::DemoArgs),
-    /// fio on the replicated device vs the same device unreplicated, both modes (root)
+    /// fio on the replicated device (0 and 1 ms RTT) vs the same device unreplicated, both modes (root)
     Bench,
     /// Install missing tools, then run fmt, clippy, all tests and the simulator budget (CI runs this)
     Test,
