@@ -84,6 +84,8 @@ pub struct World {
     wrote_apart: Vec<Vec<bool>>,
     /// When each host write was accepted.
     accepted_at: std::collections::HashMap<u64, u64>,
+    /// The peers each host write's `Data`/`Discard` was sent to: only they can hold it.
+    sent_to: std::collections::HashMap<u64, Vec<NodeId>>,
     faults_active: u32,
     /// Nodes in an orderly shutdown, stopped once their metadata says clean.
     stopping: Vec<NodeId>,
@@ -141,6 +143,7 @@ impl World {
             steps_left: cfg.steps,
             wrote_apart: vec![vec![false; n]; n],
             accepted_at: std::collections::HashMap::new(),
+            sent_to: std::collections::HashMap::new(),
             faults_active: 0,
             stopping: Vec::new(),
             trace: VecDeque::new(),
@@ -278,9 +281,22 @@ impl World {
                 let d = self.io_delay(50, 600);
                 self.schedule(d, Ev::Io { node: id, inc, io, kind: IoKind::Meta(Box::new(meta)), fail: false });
             }
-            Action::Send { peer, msg } => self.send(id, peer, msg),
+            Action::Send { peer, msg } => {
+                let extent = match &msg {
+                    Message::Data { offset, payload, .. } => Some(Extent::new(*offset, payload.len() as u64)),
+                    Message::Discard { offset, len, .. } => Some(Extent::new(*offset, *len)),
+                    _ => None,
+                };
+                // Host writes in flight never overlap: the extent names the write.
+                let host = extent.and_then(|e| self.nodes[id as usize].host.iter().find(|(_, x)| **x == Some(e)));
+                if let Some((&h, _)) = host {
+                    self.sent_to.entry(h).or_default().push(peer);
+                }
+                self.send(id, peer, msg)
+            }
             Action::CompleteHost { id: host_id, result } => {
                 self.nodes[id as usize].host.remove(&host_id);
+                self.sent_to.remove(&host_id);
                 match result {
                     Ok(()) => self.truth.ack(host_id),
                     Err(_) => self.truth.fail(host_id),

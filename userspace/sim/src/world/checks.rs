@@ -56,13 +56,9 @@ impl World {
         let mut problems = Vec::new();
         let mut apart = Vec::new();
         let extent = Extent::new(offset, len);
-        let accepted = self.nodes[id as usize]
-            .host
-            .iter()
-            .find(|(_, e)| **e == Some(extent))
-            .and_then(|(h, _)| self.accepted_at.get(h))
-            .copied()
-            .unwrap_or(self.now);
+        let host = self.nodes[id as usize].host.iter().find(|(_, e)| **e == Some(extent)).map(|(h, _)| *h);
+        let accepted = host.and_then(|h| self.accepted_at.get(&h)).copied().unwrap_or(self.now);
+        let sent_to = host.and_then(|h| self.sent_to.get(&h)).cloned().unwrap_or_default();
         let durable = &self.nodes[id as usize].disk.meta.out_of_sync;
         for peer in self.peers_of(id) {
             let replicating =
@@ -96,11 +92,13 @@ impl World {
             }
         }
         // The peers this write was replicated to acknowledged receipt before it reached
-        // this node's device: they hold it too, and so hold what the absent peers lack.
+        // this node's device: they hold it too, and so hold what the absent peers lack. A
+        // peer that connected after the write was accepted apart never got it.
         let holders: Vec<NodeId> = std::iter::once(id)
             .chain(self.peers_of(id).into_iter().filter(|p| {
                 matches!(node.conn(*p), Some(ConnState::Connected | ConnState::SyncSource | ConnState::SyncTarget))
                     && !apart.contains(p)
+                    && sent_to.contains(p)
             }))
             .collect();
         for holder in holders {
