@@ -14,6 +14,15 @@ pub const APT_PACKAGES: &[&str] = &[
     "mount",
     "nftables",
     "util-linux",
+    // Building `tandem-bpf`: the eBPF programs (clang, bpftool for vmlinux.h and the
+    // map dumps the tests parse) and libbpf, which libbpf-sys compiles from source.
+    "bpftool",
+    "clang-16",
+    "gcc",
+    "libelf-dev",
+    "make",
+    "pkg-config",
+    "zlib1g-dev",
 ];
 
 /// Install the missing packages of [`APT_PACKAGES`] when root; otherwise fail naming them.
