@@ -5,6 +5,7 @@
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use tandem_core::{Geometry, Mode, NodeId};
 use thiserror::Error;
 
@@ -25,6 +26,16 @@ struct Raw {
     node: RawNode,
     #[serde(default, rename = "peer")]
     peers: Vec<RawPeer>,
+    #[serde(default)]
+    network: RawNetwork,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    keepalive: Option<String>,
+    timeout: Option<String>,
+    links: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -97,6 +108,23 @@ pub struct Config {
     pub control: PathBuf,
     pub mountpoint: PathBuf,
     pub peers: Vec<(NodeId, SocketAddr)>,
+    /// Ping interval on an idle link.
+    pub keepalive: Duration,
+    /// A link silent this long is lost (at most 5 s).
+    pub timeout: Duration,
+}
+
+/// Parses durations like `500ms`, `1s`, `4s`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| format!("'{s}' is not a duration (e.g. 500ms, 4s)"))?;
+    match unit.trim() {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        other => Err(format!("unknown duration unit '{other}' in '{s}' (use ms or s)")),
+    }
 }
 
 /// Parses sizes like `256MiB`, `1GiB`, `4096`, `64KiB`, `10G` (powers of 1024).
@@ -169,6 +197,32 @@ impl Config {
         if peers.len() > 2 {
             return Err(invalid("peer", format!("{} peers: at most 2 are supported", peers.len())));
         }
+        let keepalive = match &raw.network.keepalive {
+            Some(k) => parse_duration(k).map_err(|r| invalid("network.keepalive", r))?,
+            None => Duration::from_secs(1),
+        };
+        let timeout = match &raw.network.timeout {
+            Some(t) => parse_duration(t).map_err(|r| invalid("network.timeout", r))?,
+            None => Duration::from_secs(4),
+        };
+        if timeout.is_zero() || timeout > Duration::from_secs(5) {
+            return Err(invalid(
+                "network.timeout",
+                format!("{timeout:?}: a silent partition must be noticed within 5 s"),
+            ));
+        }
+        if keepalive.is_zero() || keepalive >= timeout {
+            return Err(invalid("network.keepalive", format!("{keepalive:?}: must be shorter than the timeout")));
+        }
+        match raw.network.links {
+            None | Some(1) => {}
+            Some(n) => return Err(invalid(
+                "network.links",
+                format!(
+                    "{n}: one TCP connection per peer is built so far (the protocol orders messages per connection)"
+                ),
+            )),
+        }
         let name = raw.volume.name;
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
             return Err(invalid("volume.name", format!("'{name}': use letters, digits, '-' and '_'")));
@@ -187,6 +241,8 @@ impl Config {
             meta: raw.node.meta,
             listen,
             peers,
+            keepalive,
+            timeout,
         })
     }
 }
@@ -250,6 +306,20 @@ address = "127.0.0.1:7789"
 
         let e = parse(&GOOD.replace("size = \"64MiB\"", "size = \"1000\"")).unwrap_err().to_string();
         assert!(e.contains("volume:") && e.contains("multiple of the block size"), "{e}");
+    }
+
+    #[test]
+    fn network_timers_are_checked() {
+        let c = parse(&format!("{GOOD}\n[network]\nkeepalive = \"500ms\"\ntimeout = \"2s\"\n")).unwrap();
+        assert_eq!((c.keepalive, c.timeout), (Duration::from_millis(500), Duration::from_secs(2)));
+        let e = parse(&format!("{GOOD}\n[network]\ntimeout = \"30s\"\n")).unwrap_err().to_string();
+        assert!(e.contains("network.timeout") && e.contains("within 5 s"), "{e}");
+        let e = parse(&format!("{GOOD}\n[network]\nkeepalive = \"4s\"\n")).unwrap_err().to_string();
+        assert!(e.contains("network.keepalive") && e.contains("shorter than the timeout"), "{e}");
+        let e = parse(&format!("{GOOD}\n[network]\nlinks = 2\n")).unwrap_err().to_string();
+        assert!(e.contains("network.links"), "{e}");
+        let e = parse(&format!("{GOOD}\n[network]\ntimeout = \"4 fortnights\"\n")).unwrap_err().to_string();
+        assert!(e.contains("unknown duration unit"), "{e}");
     }
 
     #[test]

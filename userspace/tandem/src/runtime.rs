@@ -152,10 +152,11 @@ pub fn run_daemon(config: Config) -> Result<()> {
     })?;
 
     let (net_tx, net_rx) = channel();
-    let net = Net::start(
-        NetConfig::new(config.node, config.volume_id, config.secret.clone(), config.listen, config.peers.clone()),
-        net_tx,
-    )?;
+    let mut net_config =
+        NetConfig::new(config.node, config.volume_id, config.secret.clone(), config.listen, config.peers.clone());
+    net_config.keepalive = config.keepalive;
+    net_config.timeout = config.timeout;
+    let net = Net::start(net_config, net_tx)?;
     let to_node = inbox.clone();
     std::thread::Builder::new().name("net-events".into()).spawn(move || {
         for event in net_rx.iter() {
