@@ -216,12 +216,14 @@ impl Config {
         }
         match raw.network.links {
             None | Some(1) => {}
-            Some(n) => return Err(invalid(
-                "network.links",
-                format!(
+            Some(n) => {
+                return Err(invalid(
+                    "network.links",
+                    format!(
                     "{n}: one TCP connection per peer is built so far (the protocol orders messages per connection)"
                 ),
-            )),
+                ))
+            }
         }
         let name = raw.volume.name;
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
