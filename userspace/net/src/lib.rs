@@ -15,8 +15,10 @@
 //! A connection that fails either step is closed with one log line naming the address
 //! and the reason, and a [`NetEvent::Refused`]; other links are unaffected. A connection
 //! that passes becomes the peer's link ([`NetEvent::Connected`]): a reader thread decodes
-//! frames and delivers [`NetEvent::Message`]s, a writer thread drains a bounded send
-//! queue. Both directions number their frames (`seq`, starting at 0 with the `Hello`); a
+//! frames and delivers [`NetEvent::Message`]s (to a channel, or straight into the owner's
+//! queue through an [`EventSink`] function). `Net::send` sends a small frame at once from
+//! the calling thread when the link is idle, and otherwise queues it, bounded, for the
+//! link's writer thread, which writes everything queued with vectored writes. Both directions number their frames (`seq`, starting at 0 with the `Hello`); a
 //! gap, an undecodable frame, or silence for `timeout` ends the link
 //! ([`NetEvent::Lost`] with the reason). An idle link sends a `Ping` every `keepalive`;
 //! `Ping`/`Pong` never reach the owner.
@@ -42,11 +44,12 @@ mod frames;
 mod handshake;
 mod link;
 pub mod net;
+mod poll;
 mod queue;
 
 pub use config::{NetConfig, MAX_TIMEOUT};
 pub use error::{ConfigError, LinkError, NetError, Refusal};
-pub use net::{Net, NetEvent};
+pub use net::{EventSink, Net, NetEvent};
 
 #[cfg(test)]
 mod tests;

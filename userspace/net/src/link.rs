@@ -8,18 +8,16 @@
 
 use crate::error::LinkError;
 use crate::frames::{FrameReader, ReadError};
-use crate::queue::{Popped, PushError, SendQueue};
-use std::io::{self, Write};
+use crate::poll::{PollingReader, POLL_WINDOW};
+use crate::queue::{write_batch, PushError, SendQueue, Taken};
+use std::io;
 use std::net::{Shutdown, TcpStream};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 use tandem_core::types::NodeId;
-use tandem_core::wire::{encode, Message};
+use tandem_core::wire::Message;
 use tracing::{debug, trace};
-
-/// Frames the writer packs into one `write` when they are queued together.
-const BATCH_BYTES: usize = 256 * 1024;
 
 /// Ends a link from any thread; the first reason given is the one reported.
 pub(crate) struct Closer {
@@ -57,7 +55,6 @@ pub(crate) struct Session {
     pub volume: u64,
     pub keepalive: Duration,
     pub timeout: Duration,
-    pub send_seq: u64,
     pub recv_seq: u64,
 }
 
@@ -116,8 +113,9 @@ fn read_loop(
     deliver: &mut dyn FnMut(Message),
 ) -> LinkError {
     let mut expected = s.recv_seq;
+    let mut input = PollingReader::new(stream, POLL_WINDOW);
     loop {
-        let frame = match reader.next_frame(&mut &*stream) {
+        let frame = match reader.next_frame(&mut input) {
             Ok(frame) => frame,
             Err(ReadError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return LinkError::Silent(s.timeout),
             Err(ReadError::Io(e)) => return LinkError::Read(e),
@@ -135,9 +133,9 @@ fn read_loop(
         }
         expected = expected.wrapping_add(1);
         match frame.message {
-            Message::Ping { nonce } => match queue.push(Message::Pong { nonce }) {
+            Message::Ping { nonce } => match queue.push(&Message::Pong { nonce }, true) {
                 Ok(()) | Err(PushError::Closed) => {}
-                Err(PushError::Full { queued }) => return LinkError::QueueFull { queued, limit: queue.limit() },
+                Err(e) => return push_error(e, queue),
             },
             Message::Pong { nonce } => {
                 let rtt = Duration::from_micros((epoch.elapsed().as_micros() as u64).saturating_sub(nonce));
@@ -151,31 +149,31 @@ fn read_loop(
 }
 
 fn write_loop(mut stream: TcpStream, s: Session, epoch: Instant, queue: &SendQueue, closer: &Closer) {
-    let mut seq = s.send_seq;
-    let mut out = Vec::new();
+    // The nonce of a ping is our send time, so the `Pong` tells the round-trip time.
+    let ping = || Message::Ping { nonce: epoch.elapsed().as_micros() as u64 };
     loop {
-        let batch = match queue.pop_batch(BATCH_BYTES, s.keepalive) {
-            Popped::Closed => return,
-            Popped::Batch(batch) => batch,
-            // The nonce is our send time, so the `Pong` tells the round-trip time.
-            Popped::Idle => vec![Message::Ping { nonce: epoch.elapsed().as_micros() as u64 }],
+        let batch = match queue.take(s.keepalive, ping) {
+            Ok(Taken::Closed) => return,
+            Ok(Taken::Batch(batch)) => batch,
+            Err(e) => return closer.close(push_error(e, queue)),
         };
-        out.clear();
-        for msg in &batch {
-            if let Err(source) = encode(s.volume, seq, msg, &mut out) {
-                // Skipping the message would leave the peer's view of the stream silently
-                // wrong; a dropped link is noticed and recovered from.
-                closer.close(LinkError::Encode { message: msg.name(), source });
-                return;
-            }
-            seq = seq.wrapping_add(1);
-        }
-        if let Err(e) = stream.write_all(&out) {
+        if let Err(e) = write_batch(&mut stream, &batch) {
             closer.close(match e.kind() {
                 io::ErrorKind::WouldBlock => LinkError::Stalled(s.timeout),
                 _ => LinkError::Write(e),
             });
             return;
         }
+        queue.written(&batch);
+    }
+}
+
+/// The reason a link ends when a frame cannot be queued. Skipping the message would leave
+/// the peer's view of the stream silently wrong; a dropped link is noticed and recovered from.
+pub(crate) fn push_error(e: PushError, queue: &SendQueue) -> LinkError {
+    match e {
+        PushError::Closed => LinkError::ShuttingDown,
+        PushError::Full { queued } => LinkError::QueueFull { queued, limit: queue.limit() },
+        PushError::Encode { message, source } => LinkError::Encode { message, source },
     }
 }

@@ -65,6 +65,27 @@ pub enum NetEvent {
     Refused { addr: SocketAddr, reason: String },
 }
 
+/// Where a [`Net`] delivers its events: a channel, or a function that puts them straight
+/// into the owner's own queue (saving a thread hand-off per message). It is called from the
+/// network's threads, in the order described in the module docs, and must not block for long
+/// or call back into the `Net` (its `disconnect` waits for a `Lost` this would be holding up).
+pub trait EventSink: Send + Sync + 'static {
+    fn event(&self, event: NetEvent);
+}
+
+impl EventSink for Sender<NetEvent> {
+    fn event(&self, event: NetEvent) {
+        // A dropped receiver means the owner is going away; nothing to tell.
+        let _ = self.send(event);
+    }
+}
+
+impl<F: Fn(NetEvent) + Send + Sync + 'static> EventSink for F {
+    fn event(&self, event: NetEvent) {
+        self(event)
+    }
+}
+
 /// The TCP links of one node for one volume. See the crate docs.
 pub struct Net {
     shared: Arc<Shared>,
@@ -73,7 +94,7 @@ pub struct Net {
 
 struct Shared {
     cfg: NetConfig,
-    events: Sender<NetEvent>,
+    events: Box<dyn EventSink>,
     table: Mutex<Table>,
     /// Signalled on every change of `Table`: links installed and retired, stand-alone
     /// flags, reconnect requests, shutdown.
@@ -111,8 +132,9 @@ fn lock(m: &Mutex<Table>) -> MutexGuard<'_, Table> {
 }
 
 impl Net {
-    /// Binds the listener and starts the dialers. Events arrive on `events`.
-    pub fn start(cfg: NetConfig, events: Sender<NetEvent>) -> Result<Net, NetError> {
+    /// Binds the listener and starts the dialers. Events go to `events`: a
+    /// `Sender<NetEvent>` or an `Fn(NetEvent)`.
+    pub fn start(cfg: NetConfig, events: impl EventSink) -> Result<Net, NetError> {
         cfg.validate()?;
         let listener = bind(cfg.listen)?;
         let local_addr = listener.local_addr().map_err(|source| NetError::Listen { addr: cfg.listen, source })?;
@@ -126,7 +148,7 @@ impl Net {
         };
         let shared = Arc::new(Shared {
             cfg,
-            events,
+            events: Box::new(events),
             table: Mutex::new(table),
             changed: Condvar::new(),
             next_id: AtomicU64::new(0),
@@ -161,10 +183,34 @@ impl Net {
         lock(&self.shared.table).peers.get(&peer).is_some_and(|s| s.link.is_some())
     }
 
-    /// Queues `msg` for `peer` and returns at once. Dropped if no link is up: the
-    /// protocol above learns of that through `Lost` and resynchronises after `Connected`.
-    /// A link whose send queue overflows is dropped rather than losing one message.
+    /// Sends `msg` to `peer` (with whatever [`Net::queue`] left for it) without blocking:
+    /// a small message on a link that keeps up leaves from the calling thread at once, the
+    /// rest through the link's writer thread. Dropped if no link is up: the protocol above
+    /// learns of that through `Lost` and resynchronises after `Connected`. A link whose send
+    /// queue overflows is dropped rather than losing one message.
     pub fn send(&self, peer: NodeId, msg: Message) {
+        self.push(peer, msg, true);
+    }
+
+    /// Queues `msg` for `peer` like [`Net::send`], but leaves it there until the next
+    /// `send` to that peer or [`Net::flush`] (or, at the latest, the keepalive interval), so
+    /// that a burst of messages travels in one system call and one TCP segment.
+    pub fn queue(&self, peer: NodeId, msg: Message) {
+        self.push(peer, msg, false);
+    }
+
+    /// Sends everything [`Net::queue`] left, on every link.
+    pub fn flush(&self) {
+        let queues: Vec<Arc<SendQueue>> = {
+            let table = lock(&self.shared.table);
+            table.peers.values().filter_map(|s| s.link.as_ref()).map(|l| l.queue.clone()).collect()
+        };
+        for queue in queues {
+            queue.flush();
+        }
+    }
+
+    fn push(&self, peer: NodeId, msg: Message, flush: bool) {
         let link = {
             let table = lock(&self.shared.table);
             table.peers.get(&peer).and_then(|s| s.link.as_ref()).map(|l| (l.queue.clone(), l.closer.clone()))
@@ -173,9 +219,9 @@ impl Net {
             trace!(peer, "dropping {}: not connected", msg.name());
             return;
         };
-        match queue.push(msg) {
+        match queue.push(&msg, flush) {
             Ok(()) | Err(PushError::Closed) => {}
-            Err(PushError::Full { queued }) => closer.close(LinkError::QueueFull { queued, limit: queue.limit() }),
+            Err(e) => closer.close(link::push_error(e, &queue)),
         }
     }
 
@@ -489,7 +535,8 @@ impl Shared {
     /// Installs an established connection as the peer's link and runs it until it ends.
     fn serve(self: &Arc<Self>, stream: TcpStream, addr: SocketAddr, est: Established) -> Result<(), Refusal> {
         let Established { peer, negotiated, reader, send_seq, recv_seq } = est;
-        let queue = Arc::new(SendQueue::new(self.cfg.send_queue_limit));
+        let direct = stream.try_clone().map_err(|source| Refusal::Io { stage: "link setup", source })?;
+        let queue = Arc::new(SendQueue::new(self.cfg.volume, send_seq, self.cfg.send_queue_limit, Some(direct)));
         let closer = stream
             .try_clone()
             .map(|clone| Arc::new(Closer::new(clone, queue.clone())))
@@ -508,14 +555,11 @@ impl Shared {
             volume: self.cfg.volume,
             keepalive: self.cfg.keepalive,
             timeout: self.cfg.timeout,
-            send_seq,
             recv_seq,
         };
         let events = &self.events;
-        let reason = link::run(stream, reader, session, queue, closer, &mut |msg| {
-            // A dropped receiver means the owner is going away; nothing to tell.
-            let _ = events.send(NetEvent::Message { peer, msg });
-        });
+        let reason =
+            link::run(stream, reader, session, queue, closer, &mut |msg| events.event(NetEvent::Message { peer, msg }));
         self.retire(peer, id, addr, reason);
         Ok(())
     }
@@ -534,7 +578,7 @@ impl Shared {
             }
             match &slot.link {
                 None => {
-                    let _ = self.events.send(NetEvent::Connected { peer });
+                    self.events.event(NetEvent::Connected { peer });
                     slot.link = Some(link);
                     self.changed.notify_all();
                     return Ok(());
@@ -551,7 +595,7 @@ impl Shared {
     fn retire(&self, peer: NodeId, id: u64, addr: SocketAddr, reason: LinkError) {
         {
             let mut table = lock(&self.table);
-            let _ = self.events.send(NetEvent::Lost { peer, reason: reason.to_string() });
+            self.events.event(NetEvent::Lost { peer, reason: reason.to_string() });
             if let Some(slot) = table.peers.get_mut(&peer) {
                 if slot.link.as_ref().is_some_and(|l| l.id == id) {
                     slot.link = None;
@@ -577,6 +621,6 @@ impl Shared {
         } else {
             warn!(%addr, "refused the connection {direction} {addr}: {refusal}");
         }
-        let _ = self.events.send(NetEvent::Refused { addr, reason: refusal.to_string() });
+        self.events.event(NetEvent::Refused { addr, reason: refusal.to_string() });
     }
 }

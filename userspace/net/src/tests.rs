@@ -248,6 +248,54 @@ fn a_4_mib_resync_track_passes() {
 }
 
 #[test]
+fn queued_messages_leave_with_a_flush_or_a_send_in_order() {
+    let (a, b) = connected_pair();
+    // A mix of small frames (sent by the flushing thread) and large ones (by the writer).
+    let msgs: Vec<Message> = (0..300).map(|id| if id % 50 == 7 { data(id, 300_000) } else { data(id, 4096) }).collect();
+    for m in &msgs[..200] {
+        a.net.queue(1, m.clone());
+    }
+    a.net.flush();
+    for m in &msgs[200..250] {
+        a.net.queue(1, m.clone());
+    }
+    // A send takes what was queued before it along.
+    a.net.send(1, msgs[250].clone());
+    for m in &msgs[251..] {
+        a.net.queue(1, m.clone());
+    }
+    a.net.flush();
+    for m in &msgs {
+        assert_eq!(b.next(Duration::from_secs(5)), NetEvent::Message { peer: 0, msg: m.clone() });
+    }
+}
+
+#[test]
+fn a_queued_message_that_is_never_flushed_still_leaves_within_the_keepalive() {
+    let (a, b) = connected_pair();
+    thread::sleep(Duration::from_millis(20));
+    a.net.queue(1, Message::Flush { id: 3 });
+    let msg = b.next(Duration::from_millis(100) + SLACK);
+    assert_eq!(msg, NetEvent::Message { peer: 0, msg: Message::Flush { id: 3 } });
+}
+
+#[test]
+fn events_can_go_to_a_function() {
+    let (tx, rx) = channel();
+    let tx = Mutex::new(tx);
+    let b = Net::start(config(1, vec![(0, UNUSED.parse().unwrap())]), move |e| {
+        let _ = tx.lock().unwrap().send(e);
+    })
+    .expect("start");
+    let a = Node::start(config(0, vec![(1, b.local_addr())]));
+    a.expect_connected(1);
+    assert_eq!(rx.recv_timeout(Duration::from_secs(3)).unwrap(), NetEvent::Connected { peer: 0 });
+    a.net.send(1, Message::ReceiptAck { id: 5 });
+    let got = rx.recv_timeout(Duration::from_secs(3)).unwrap();
+    assert_eq!(got, NetEvent::Message { peer: 0, msg: Message::ReceiptAck { id: 5 } });
+}
+
+#[test]
 fn an_idle_link_is_kept_alive_by_pings() {
     let (a, b) = connected_pair();
     thread::sleep(TIMEOUT * 3);

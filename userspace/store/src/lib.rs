@@ -19,4 +19,4 @@ pub use codec::{DecodeError, MetaHeader};
 pub use error::StoreError;
 pub use meta_file::{create_md, create_md_with, inspect_md, load_md, LoadedMeta, MetaFile};
 pub use ring::MAX_IN_FLIGHT;
-pub use store::{Completion, Store, StoreOp, MAX_READ};
+pub use store::{Completion, Store, StoreOp, INLINE_WRITE_MAX, MAX_READ};

@@ -116,6 +116,11 @@ impl Op {
         Op::new(io, "harden", Target::Data, offset, len, false, Step::Sync)
     }
 
+    /// The harden step of a FUA write whose data was written outside the ring.
+    pub(crate) fn fua_sync(io: IoId, offset: u64, len: u64) -> Op {
+        Op::new(io, "FUA write", Target::Data, offset, len, false, Step::Sync)
+    }
+
     pub(crate) fn meta_write(io: IoId, offset: u64, bytes: Vec<u8>, slot: usize, seq: u64) -> Op {
         let len = bytes.len() as u64;
         let mut op = Op::new(

@@ -11,10 +11,10 @@
 
 use crate::meta_file::MetaFile;
 use crate::ops::{Files, Hints, Op, Progress, Target};
-use crate::store::Completion;
+use crate::store::{Completion, Sink};
 use crate::sys::EventFd;
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, TryRecvError};
 use io_uring::{opcode, squeue::Entry, types, IoUring};
 use std::collections::VecDeque;
 use std::fs::File;
@@ -44,11 +44,13 @@ pub(crate) enum Job {
         offset: u64,
         len: u64,
     },
-    /// `len == 0`: everything.
+    /// `len == 0`: everything. `fua_write`: the second step of a FUA write whose data the
+    /// submitting thread already wrote (errors then name the FUA write).
     Harden {
         io: IoId,
         offset: u64,
         len: u64,
+        fua_write: bool,
     },
     Persist {
         io: IoId,
@@ -60,7 +62,7 @@ pub(crate) struct Engine {
     pub ring: IoUring,
     pub jobs: Receiver<Job>,
     pub wake: Arc<EventFd>,
-    pub done: Sender<Completion>,
+    pub done: Sink,
     /// Kept open for as long as operations may name it.
     pub data: Arc<File>,
     pub data_name: String,
@@ -140,7 +142,8 @@ impl Engine {
                 Op::zeroes(io, offset, len, discard, fua, &st.hints)
             }
             Job::Read { io, offset, len } => Op::read(io, offset, len),
-            Job::Harden { io, offset, len } => Op::harden(io, offset, len),
+            Job::Harden { io, offset, len, fua_write: false } => Op::harden(io, offset, len),
+            Job::Harden { io, offset, len, fua_write: true } => Op::fua_sync(io, offset, len),
             Job::Persist { io, meta } => {
                 st.persists.push_back((io, meta));
                 return self.next_persist(st);
@@ -211,8 +214,7 @@ impl Engine {
     }
 
     fn complete(&self, io: IoId, result: Result<Option<Bytes>, IoError>) {
-        // A dropped receiver means nobody waits for completions any more.
-        let _ = self.done.send(Completion { io, result });
+        (self.done)(Completion { io, result });
     }
 
     /// `io_uring_enter` failed in a way that retrying cannot fix. Every operation in flight
@@ -221,11 +223,11 @@ impl Engine {
     fn fail_forever(self, mut st: State, e: &io::Error) {
         let err = |io| Completion { io, result: Err(IoError(format!("io_uring_enter failed: {e}"))) };
         for op in st.table.iter_mut().filter_map(Option::take) {
-            let _ = self.done.send(err(op.io));
+            (self.done)(err(op.io));
             std::mem::forget(op);
         }
         for (io, _) in st.persists.drain(..) {
-            let _ = self.done.send(err(io));
+            (self.done)(err(io));
         }
         let Engine { ring, jobs, done, .. } = self;
         std::mem::forget(ring);
@@ -233,7 +235,7 @@ impl Engine {
             let io = match job {
                 Job::Write { io, .. } | Job::Read { io, .. } | Job::Harden { io, .. } | Job::Persist { io, .. } => io,
             };
-            let _ = done.send(err(io));
+            done(err(io));
         }
     }
 }

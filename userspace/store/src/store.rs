@@ -39,6 +39,18 @@
 //! device's write cache, and its manual page says it is unfit for data integrity. A harden
 //! that completed on it would not mean stable.
 //!
+//! # Small writes skip the ring
+//!
+//! io_uring cannot issue a buffered write to most file systems (ext4 among them) without
+//! blocking, so it hands every one to a kernel worker thread: submitting a 4 KiB write then
+//! costs two thread wake-ups (ring thread to worker and back) on top of the copy. A data write
+//! of at most [`Store::inline_write_max`] bytes (default [`INLINE_WRITE_MAX`]) is therefore
+//! written by [`Store::submit`] itself, on the caller's thread, with `pwrite(2)`: a copy into
+//! the page cache, the same thing the worker would do. Its completion is delivered before
+//! `submit` returns; a FUA write then queues the datasync of its range to the ring. The
+//! guarantees in the table above are the same either way, and the node never has two
+//! overlapping writes in flight, so the order in which they reach the page cache cannot matter.
+//!
 //! Write-back errors: when the kernel fails to write back a dirty page in the background, the
 //! error is recorded on the file and the next datasync on it (any range) reports it once. The
 //! store keeps one descriptor per file, so that report reaches a harden, whose `Err` fails the
@@ -67,6 +79,13 @@ use tandem_core::{Extent, Geometry};
 
 /// Largest read the store buffers at once (the protocol reads one track, at most 4 MiB).
 pub const MAX_READ: u64 = 64 << 20;
+
+/// Data writes up to this size are written on the submitting thread (see the module docs).
+pub const INLINE_WRITE_MAX: u64 = 128 << 10;
+
+/// Where completions go: called once per accepted operation, from the ring thread, or from the
+/// submitting thread for a write written inline.
+pub(crate) type Sink = Arc<dyn Fn(Completion) + Send + Sync>;
 
 /// The store operations: the four node actions that touch local storage.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -128,7 +147,10 @@ pub struct Store {
     meta: Option<(PathBuf, u64)>,
     jobs: Option<Sender<Job>>,
     wake: Arc<EventFd>,
+    sink: Sink,
+    /// Empty (and disconnected) when the store was opened with a sink.
     completions: Receiver<Completion>,
+    inline_write_max: u64,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -137,16 +159,37 @@ impl Store {
     /// metadata (`PersistMeta` is then refused). The backing store must hold at least the
     /// volume; it is never grown, shrunk or created here.
     pub fn open(path: &Path, geometry: &Geometry) -> Result<Store, StoreError> {
-        Store::start(path, *geometry, None)
+        Store::start(path, *geometry, None, None)
     }
 
     /// Opens the backing store of the volume `meta` describes; `PersistMeta` writes to `meta`.
     pub fn open_with_meta(path: &Path, meta: MetaFile) -> Result<Store, StoreError> {
         let geometry = meta.header().geometry;
-        Store::start(path, geometry, Some(meta))
+        Store::start(path, geometry, Some(meta), None)
     }
 
-    fn start(path: &Path, geometry: Geometry, meta: Option<MetaFile>) -> Result<Store, StoreError> {
+    /// [`Store::open`], delivering each completion by calling `sink` instead of through
+    /// [`Store::completions`]: from the ring thread, or from the thread calling `submit` for a
+    /// write done inline. `sink` must not block for long and must not call back into the store.
+    pub fn open_with_sink(
+        path: &Path,
+        geometry: &Geometry,
+        sink: impl Fn(Completion) + Send + Sync + 'static,
+    ) -> Result<Store, StoreError> {
+        Store::start(path, *geometry, None, Some(Arc::new(sink)))
+    }
+
+    /// [`Store::open_with_meta`] with a completion sink, as in [`Store::open_with_sink`].
+    pub fn open_with_meta_and_sink(
+        path: &Path,
+        meta: MetaFile,
+        sink: impl Fn(Completion) + Send + Sync + 'static,
+    ) -> Result<Store, StoreError> {
+        let geometry = meta.header().geometry;
+        Store::start(path, geometry, Some(meta), Some(Arc::new(sink)))
+    }
+
+    fn start(path: &Path, geometry: Geometry, meta: Option<MetaFile>, sink: Option<Sink>) -> Result<Store, StoreError> {
         let m = fs::metadata(path).map_err(|e| StoreError::io("stat", path, e))?;
         let kind = Kind::of(&m);
         if let Kind::Other(k) = kind {
@@ -174,13 +217,19 @@ impl Store {
         let wake = Arc::new(EventFd::new().map_err(|e| StoreError::io("create eventfd for", path, e))?);
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let sink = sink.unwrap_or_else(|| {
+            Arc::new(move |c| {
+                // A dropped receiver means nobody waits for completions any more.
+                let _ = done_tx.send(c);
+            })
+        });
         let data = Arc::new(file);
         let meta_info = meta.as_ref().map(|m| (m.path().to_path_buf(), m.slot_size()));
         let engine = Engine {
             ring,
             jobs: jobs_rx,
             wake: wake.clone(),
-            done: done_tx,
+            done: sink.clone(),
             data: data.clone(),
             data_name: path.display().to_string(),
             meta,
@@ -198,7 +247,9 @@ impl Store {
             meta: meta_info,
             jobs: Some(jobs_tx),
             wake,
+            sink,
             completions: done_rx,
+            inline_write_max: INLINE_WRITE_MAX,
             thread: Some(thread),
         })
     }
@@ -220,15 +271,50 @@ impl Store {
         self.kind == Kind::BlockDevice
     }
 
-    /// Queues an operation without blocking; its completion arrives on [`Store::completions`].
+    /// Starts an operation; its completion arrives on [`Store::completions`] (or the sink).
     /// An `Err` means the operation was refused as invalid (or the store is closed) and no
-    /// completion will come for it.
+    /// completion will come for it. It does not wait for I/O, except that a data write of at
+    /// most [`Store::inline_write_max`] bytes is copied into the page cache here (and, unless
+    /// FUA, has completed when this returns): see the module docs.
     pub fn submit(&self, op: StoreOp) -> Result<(), StoreError> {
         let job = self.validate(op)?;
         let jobs = self.jobs.as_ref().ok_or(StoreError::Closed)?;
+        let job = match job {
+            Job::Write { io, offset, payload: Payload::Data(data), fua }
+                if data.len() as u64 <= self.inline_write_max =>
+            {
+                match self.write_inline(offset, &data, fua) {
+                    Ok(()) if fua => Job::Harden { io, offset, len: data.len() as u64, fua_write: true },
+                    result => {
+                        (self.sink)(Completion { io, result: result.map(|()| None) });
+                        return Ok(());
+                    }
+                }
+            }
+            job => job,
+        };
         jobs.send(job).map_err(|_| StoreError::Closed)?;
         self.wake.notify();
         Ok(())
+    }
+
+    /// The largest data write [`Store::submit`] writes on the calling thread.
+    pub fn inline_write_max(&self) -> u64 {
+        self.inline_write_max
+    }
+
+    /// Changes [`Store::inline_write_max`]; 0 sends every write through the ring.
+    pub fn set_inline_write_max(&mut self, bytes: u64) {
+        self.inline_write_max = bytes;
+    }
+
+    fn write_inline(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
+        // write_all_at retries short writes and EINTR, and fails on a write of 0 bytes.
+        self.data.write_all_at(data, offset).map_err(|e| {
+            let what = if fua { "FUA write" } else { "write" };
+            let len = data.len();
+            IoError(format!("{what} of {len} bytes at offset {offset} on {}: write failed: {e}", self.path.display()))
+        })
     }
 
     /// [`Store::submit`] for a node action; refuses actions that are not store operations.
@@ -238,6 +324,7 @@ impl Store {
     }
 
     /// Completions, in the order the operations finish (not the order they were submitted).
+    /// Disconnected and empty when the store was opened with a sink.
     pub fn completions(&self) -> &Receiver<Completion> {
         &self.completions
     }
@@ -275,18 +362,18 @@ impl Store {
                 }
                 Job::Read { io, offset, len }
             }
-            StoreOp::Harden { io, scope: HardenScope::All } => Job::Harden { io, offset: 0, len: 0 },
+            StoreOp::Harden { io, scope: HardenScope::All } => Job::Harden { io, offset: 0, len: 0, fua_write: false },
             StoreOp::Harden { io, scope: HardenScope::Range(range) } => {
                 g.check_range(range).map_err(|source| StoreError::InvalidExtent { io, op: "harden", source })?;
                 let tracks = g.tracks_in_range(range);
                 let track = u64::from(g.track_size());
                 let offset = tracks.start * track;
                 let end = (tracks.end * track).min(g.volume_size());
-                Job::Harden { io, offset, len: end - offset }
+                Job::Harden { io, offset, len: end - offset, fua_write: false }
             }
             StoreOp::Harden { io, scope: HardenScope::Extent(e) } => {
                 check(io, "harden", e.offset, e.len)?;
-                Job::Harden { io, offset: e.offset, len: e.len }
+                Job::Harden { io, offset: e.offset, len: e.len, fua_write: false }
             }
             StoreOp::PersistMeta { io, meta } => {
                 let (meta_path, slot_size) = self.meta.as_ref().ok_or(StoreError::NoMetadata { io })?;

@@ -24,7 +24,8 @@ pub enum HostOp {
     Flush,
 }
 
-/// What the node's thread receives.
+/// What the node's thread receives. `Run`: work the edges want done on the node's thread
+/// after the inputs queued before it (sending in one go what the last turns queued).
 pub enum Input {
     Host { op: HostOp, reply: Sender<Result<(), HostError>> },
     Connected(NodeId),
@@ -32,6 +33,7 @@ pub enum Input {
     Message(NodeId, Message),
     IoDone { io: IoId, result: Result<Option<Bytes>, IoError> },
     Control { request: Request, reply: Sender<Reply> },
+    Run(Box<dyn FnOnce() + Send>),
 }
 
 /// The node's side of the edges: where actions go.
@@ -94,8 +96,17 @@ impl<E: Edges> Daemon<E> {
         loop {
             let now = self.now();
             let next = self.timers.iter().map(|(at, _)| *at).min().unwrap_or(now + 1_000_000_000);
-            match self.rx.recv_timeout(Duration::from_nanos(next.saturating_sub(now))) {
-                Ok(input) => self.on_input(input),
+            // Polls briefly before it sleeps: see `recv_polling`.
+            match crate::runtime::recv_polling(&self.rx, Duration::from_nanos(next.saturating_sub(now))) {
+                Ok(input) => {
+                    // Handle what else is queued before carrying out the actions: one turn
+                    // of `apply` per burst (bounded, so that timers still fire).
+                    self.on_input(input);
+                    for _ in 0..255 {
+                        let Ok(input) = self.rx.try_recv() else { break };
+                        self.on_input(input);
+                    }
+                }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return Ok(()),
             }
@@ -139,6 +150,7 @@ impl<E: Edges> Daemon<E> {
                 self.handle(Event::PeerLost { peer });
             }
             Input::Message(peer, msg) => self.handle(Event::Received { peer, msg }),
+            Input::Run(work) => work(),
             Input::IoDone { io, result } => self.handle(Event::IoDone { io, result }),
             Input::Control { request, reply } => self.control(request, reply),
         }

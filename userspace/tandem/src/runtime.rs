@@ -6,14 +6,48 @@ use crate::daemon::{Daemon, Edges, HostOp, Input};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Sender};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tandem_core::node::{Action, HostError, IoError};
 use tandem_core::wire::Message;
 use tandem_core::NodeId;
 use tandem_frontend::{BackendError, BlockBackend, LoopOptions};
 use tandem_net::{Net, NetConfig, NetEvent};
-use tandem_store::{create_md, MetaFile, MetaHeader, Store};
+use tandem_store::{create_md, Completion, MetaFile, MetaHeader, Store};
+
+/// How long the node's thread polls its inbox before it sleeps (see [`recv_polling`]).
+const POLL_WINDOW: Duration = Duration::from_micros(200);
+/// A yield that took longer than this ran another thread: the CPU is wanted elsewhere.
+const YIELD_BUSY: Duration = Duration::from_micros(10);
+
+/// The node loop's wait for its next input, up to `timeout`. Waking a thread that sleeps
+/// costs tens of microseconds on a virtual machine, several times per replicated write, so
+/// right after a turn (when the next input, an ack or the next host write, is likely to be
+/// close) the loop polls its inbox for up to [`POLL_WINDOW`], yielding the CPU between
+/// attempts, before it sleeps. It stops polling as soon as a yield shows that another thread
+/// wanted the CPU: on a busy machine polling would only take time from the threads that
+/// produce the inputs. An idle node polls once per timer, for at most the window.
+pub(crate) fn recv_polling<T>(rx: &Receiver<T>, timeout: Duration) -> Result<T, RecvTimeoutError> {
+    let start = Instant::now();
+    let window = timeout.min(POLL_WINDOW);
+    loop {
+        match rx.try_recv() {
+            Ok(input) => return Ok(input),
+            Err(TryRecvError::Disconnected) => return Err(RecvTimeoutError::Disconnected),
+            Err(TryRecvError::Empty) => {}
+        }
+        if start.elapsed() >= window {
+            break;
+        }
+        let before = Instant::now();
+        std::thread::yield_now();
+        if before.elapsed() > YIELD_BUSY {
+            break;
+        }
+    }
+    rx.recv_timeout(timeout.saturating_sub(start.elapsed()))
+}
 
 fn header(config: &Config) -> MetaHeader {
     MetaHeader::new(u128::from(config.volume_id), config.node, config.geometry)
@@ -35,7 +69,9 @@ pub fn create_metadata(config: &Config, force: bool) -> Result<()> {
 /// The edges of a running node.
 struct RealEdges {
     store: Arc<Store>,
-    net: Net,
+    net: Arc<Net>,
+    /// A flush of the messages queued on `net` is waiting in the inbox.
+    flush_queued: Arc<AtomicBool>,
     /// Known once the frontend is up, which needs the daemon's loop running already.
     device: Arc<Mutex<Option<String>>>,
     inbox: Sender<Input>,
@@ -56,11 +92,26 @@ impl Edges for RealEdges {
         }
     }
 
+    /// Queues the message and, once per turn of the node's loop, a flush behind the inputs
+    /// already waiting: the messages of a burst of inputs leave together, in one system call
+    /// per link, and a lone message leaves as soon as the turn that made it is over.
     fn send(&mut self, peer: NodeId, msg: Message) {
-        self.net.send(peer, msg);
+        self.net.queue(peer, msg);
+        if !self.flush_queued.swap(true, Ordering::Relaxed) {
+            let (net, flush_queued) = (self.net.clone(), self.flush_queued.clone());
+            let flush = Input::Run(Box::new(move || {
+                flush_queued.store(false, Ordering::Relaxed);
+                net.flush();
+            }));
+            if self.inbox.send(flush).is_err() {
+                self.net.flush();
+            }
+        }
     }
 
     fn disconnect(&mut self, peer: NodeId, stand_alone: bool) {
+        // What the node sent before deciding to drop the link goes first.
+        self.net.flush();
         self.net.disconnect(peer, stand_alone);
     }
 
@@ -138,43 +189,38 @@ pub fn run_daemon(config: Config) -> Result<()> {
     let (meta_file, meta) =
         MetaFile::open(&config.meta).context("opening the metadata (run `tandem create-md` first?)")?;
     meta_file.expect(u128::from(config.volume_id), config.node, &config.geometry)?;
-    let store = Arc::new(Store::open_with_meta(&config.data, meta_file)?);
     let (inbox, rx) = channel();
-
-    let completions = store.completions().clone();
+    // The store and the links put their completions and messages straight into the node's
+    // inbox, from their own threads: no forwarding thread, one wake-up per hand-off.
     let to_node = inbox.clone();
-    std::thread::Builder::new().name("store-completions".into()).spawn(move || {
-        for c in completions.iter() {
-            if to_node.send(Input::IoDone { io: c.io, result: c.result }).is_err() {
-                break;
-            }
-        }
-    })?;
+    let store = Arc::new(Store::open_with_meta_and_sink(&config.data, meta_file, move |c: Completion| {
+        let _ = to_node.send(Input::IoDone { io: c.io, result: c.result });
+    })?);
 
-    let (net_tx, net_rx) = channel();
+    let to_node = inbox.clone();
     let mut net_config =
         NetConfig::new(config.node, config.volume_id, config.secret.clone(), config.listen, config.peers.clone());
     net_config.keepalive = config.keepalive;
     net_config.timeout = config.timeout;
-    let net = Net::start(net_config, net_tx)?;
-    let to_node = inbox.clone();
-    std::thread::Builder::new().name("net-events".into()).spawn(move || {
-        for event in net_rx.iter() {
-            let input = match event {
-                NetEvent::Connected { peer } => Input::Connected(peer),
-                NetEvent::Lost { peer, reason } => Input::Lost(peer, reason),
-                NetEvent::Message { peer, msg } => Input::Message(peer, msg),
-                NetEvent::Refused { .. } => continue, // logged by the net crate
-            };
-            if to_node.send(input).is_err() {
-                break;
-            }
-        }
+    let net = Net::start(net_config, move |event| {
+        let input = match event {
+            NetEvent::Connected { peer } => Input::Connected(peer),
+            NetEvent::Lost { peer, reason } => Input::Lost(peer, reason),
+            NetEvent::Message { peer, msg } => Input::Message(peer, msg),
+            NetEvent::Refused { .. } => return, // logged by the net crate
+        };
+        let _ = to_node.send(input);
     })?;
 
     let primary = Arc::new(AtomicBool::new(false));
     let device = Arc::new(Mutex::new(None));
-    let edges = RealEdges { store: store.clone(), net, device: device.clone(), inbox: inbox.clone() };
+    let edges = RealEdges {
+        store: store.clone(),
+        net: Arc::new(net),
+        flush_queued: Arc::new(AtomicBool::new(false)),
+        device: device.clone(),
+        inbox: inbox.clone(),
+    };
     let daemon = Daemon::new(config.clone(), meta, edges, rx, primary.clone())?;
     // The loop must run before the device exists: attaching it flushes the file, which
     // the frontend answers through the node.
