@@ -60,13 +60,19 @@ struct RawVolume {
 #[serde(deny_unknown_fields)]
 struct RawNode {
     id: NodeId,
-    data: PathBuf,
+    data: Option<PathBuf>,
+    /// Attach mode: an existing block device Tandem does not sit in front of.
+    attach: Option<PathBuf>,
     meta: PathBuf,
     listen: String,
     control: Option<PathBuf>,
     mountpoint: Option<PathBuf>,
     #[serde(default = "default_frontend")]
     frontend: String,
+    /// Where the record of written tracks lives: auto, bpf, memory.
+    record: Option<String>,
+    /// The record's pin directory name under /sys/fs/bpf/tandem/ (default: the volume name).
+    record_pin: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -102,7 +108,11 @@ pub struct Config {
     pub mode: Mode,
     pub secret: Vec<u8>,
     pub node: NodeId,
+    /// The backing file or device; in attach mode, the attached device.
     pub data: PathBuf,
+    /// Attach mode (docs/attach.md): `data` is a block device an application writes
+    /// directly; no frontend, and the daemon never writes it.
+    pub attach: Option<PathBuf>,
     pub meta: PathBuf,
     pub listen: SocketAddr,
     pub control: PathBuf,
@@ -112,6 +122,10 @@ pub struct Config {
     pub keepalive: Duration,
     /// A link silent this long is lost (at most 5 s).
     pub timeout: Duration,
+    /// `[node] record`: the kernel map (BPF), the in-process bitmaps, or the best available.
+    pub record: crate::kernel_record::RecordChoice,
+    /// `[node] record_pin`: the pinned maps are under `/sys/fs/bpf/tandem/<record_pin>/`.
+    pub record_pin: String,
 }
 
 /// Parses durations like `500ms`, `1s`, `4s`.
@@ -184,6 +198,32 @@ impl Config {
         if raw.node.frontend != "file" {
             return Err(invalid("node.frontend", format!("'{}' is not available here (file)", raw.node.frontend)));
         }
+        let (data, attach) = match (raw.node.data, raw.node.attach) {
+            (Some(data), None) => (data, None),
+            (None, Some(device)) => {
+                if raw.node.mountpoint.is_some() {
+                    return Err(invalid(
+                        "node.mountpoint",
+                        "an attached volume has no frontend, so no FUSE mount point (remove it)".into(),
+                    ));
+                }
+                (device.clone(), Some(device))
+            }
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "node.attach",
+                    "give `data` (Tandem serves the volume from that file or device) or `attach` (Tandem \
+                     replicates a device the application writes directly), not both"
+                        .into(),
+                ))
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "node.data",
+                    "missing: the backing file or block device (or `attach` for an existing device)".into(),
+                ))
+            }
+        };
         let listen =
             raw.node.listen.parse().map_err(|e| invalid("node.listen", format!("'{}': {e}", raw.node.listen)))?;
         let mut peers = Vec::new();
@@ -225,7 +265,19 @@ impl Config {
                 ))
             }
         }
+        let record = match &raw.node.record {
+            Some(r) => r.parse().map_err(|reason| invalid("node.record", reason))?,
+            None => crate::kernel_record::RecordChoice::Auto,
+        };
+        let record_pin = match raw.node.record_pin {
+            Some(pin) => {
+                tandem_bpf::pin_dir(&pin).map_err(|e| invalid("node.record_pin", e.to_string()))?;
+                Some(pin)
+            }
+            None => None,
+        };
         let name = raw.volume.name;
+        let record_pin = record_pin.unwrap_or_else(|| name.clone());
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
             return Err(invalid("volume.name", format!("'{name}': use letters, digits, '-' and '_'")));
         }
@@ -239,12 +291,15 @@ impl Config {
             mode,
             secret,
             node: raw.node.id,
-            data: raw.node.data,
+            data,
+            attach,
             meta: raw.node.meta,
             listen,
             peers,
             keepalive,
             timeout,
+            record,
+            record_pin,
         })
     }
 }
@@ -322,6 +377,37 @@ address = "127.0.0.1:7789"
         assert!(e.contains("network.links"), "{e}");
         let e = parse(&format!("{GOOD}\n[network]\ntimeout = \"4 fortnights\"\n")).unwrap_err().to_string();
         assert!(e.contains("unknown duration unit"), "{e}");
+    }
+
+    #[test]
+    fn attach_and_data_are_exclusive() {
+        let attached = GOOD.replace("data = \"/tmp/a.img\"", "attach = \"/dev/loop7\"");
+        let c = parse(&attached).unwrap();
+        assert_eq!(c.attach, Some(PathBuf::from("/dev/loop7")));
+        assert_eq!(c.data, PathBuf::from("/dev/loop7"));
+        let e = parse(&GOOD.replace("[node]", "[node]\nattach = \"/dev/loop7\"")).unwrap_err().to_string();
+        assert!(e.starts_with("/etc/tandem/vol0.toml: node.attach: give `data`"), "{e}");
+        assert!(e.contains("not both"), "{e}");
+        let e = parse(&GOOD.replace("data = \"/tmp/a.img\"\n", "")).unwrap_err().to_string();
+        assert!(e.contains("node.data: missing"), "{e}");
+        let e = parse(&attached.replace("[node]", "[node]\nmountpoint = \"/mnt/x\"")).unwrap_err().to_string();
+        assert!(e.contains("node.mountpoint") && e.contains("no frontend"), "{e}");
+    }
+
+    #[test]
+    fn the_record_knobs_are_checked() {
+        use crate::kernel_record::RecordChoice;
+        let c = parse(GOOD).unwrap();
+        assert_eq!((c.record, c.record_pin.as_str()), (RecordChoice::Auto, "vol0"));
+        let c = parse(&GOOD.replace("[node]", "[node]\nrecord = \"bpf\"\nrecord_pin = \"vol0-n0\"")).unwrap();
+        assert_eq!((c.record, c.record_pin.as_str()), (RecordChoice::Bpf, "vol0-n0"));
+        let c = parse(&GOOD.replace("[node]", "[node]\nrecord = \"memory\"")).unwrap();
+        assert_eq!(c.record, RecordChoice::Memory);
+        let e = parse(&GOOD.replace("[node]", "[node]\nrecord = \"kernel\"")).unwrap_err().to_string();
+        assert!(e.starts_with("/etc/tandem/vol0.toml: node.record: unknown record 'kernel'"), "{e}");
+        assert!(e.contains("auto, bpf, memory"), "{e}");
+        let e = parse(&GOOD.replace("[node]", "[node]\nrecord_pin = \"../etc\"")).unwrap_err().to_string();
+        assert!(e.starts_with("/etc/tandem/vol0.toml: node.record_pin:") && e.contains("../etc"), "{e}");
     }
 
     #[test]

@@ -26,6 +26,14 @@ pub enum Request {
         count: Option<u64>,
     },
     VerifyStop,
+    /// Attach mode: freeze the filesystem on the attached device, ship everything, thaw.
+    SnapshotPoint {
+        mountpoint: Option<std::path::PathBuf>,
+        timeout_ms: u64,
+        /// A shell command the daemon runs at the snapshot point, before it thaws.
+        #[serde(default)]
+        exec: Option<String>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +62,92 @@ pub struct StatusView {
     pub peers: Vec<PeerView>,
     /// The verify running now, or the last one this node ran.
     pub verify: Option<VerifyView>,
+    /// Where the record of written tracks lives (kernel map or in-process bitmaps).
+    #[serde(default)]
+    pub record: Option<RecordView>,
+    /// Attach mode: the attached device and the shipping loop's progress.
+    #[serde(default)]
+    pub attach: Option<AttachView>,
+}
+
+/// An attached device (attach mode, docs/attach.md) and its shipping.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachView {
+    pub device: String,
+    pub pin_dir: String,
+    pub flavor: Option<String>,
+    /// `current`, `shipping`, `resyncing (...)`, `tracks owed to an absent peer (...)`,
+    /// `waiting for a peer (...)`, `snapshot point: ...`, `retrying after an error: ...`.
+    pub state: String,
+    /// Tracks marked in the kernel map: written and not yet shipped (or still owed to a peer).
+    pub dirty_tracks: u64,
+    /// Tracks shipped since the daemon started, and the cycles that shipped them.
+    pub shipped_tracks: u64,
+    pub cycles: u64,
+    /// What the last `snapshot-point` said.
+    pub last_snapshot_point: Option<String>,
+}
+
+/// The record of written tracks: the pinned BPF maps, or the in-process bitmaps and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordView {
+    /// `bpf` (the kernel map) or `memory` (the core's in-process bitmaps only).
+    pub source: String,
+    /// `tp_btf` or `classic tracepoint`.
+    pub flavor: Option<String>,
+    pub pin_dir: Option<String>,
+    /// Tracks marked in the map (current ∪ old of every range).
+    pub marked_tracks: Option<u64>,
+    /// Clearing cycles completed, and the tracks they cleared.
+    pub cycles: u64,
+    pub cleared_tracks: u64,
+    /// Why the in-process bitmaps (or the classic flavour) are used.
+    pub reason: Option<String>,
+}
+
+/// `tandem dirty` from the pinned maps.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapDirtyView {
+    pub pin_dir: String,
+    pub flavor: Option<String>,
+    /// The programs are attached (their links pinned) and still recording.
+    pub attached: bool,
+    /// The recorded device, `major:minor`.
+    pub device: String,
+    pub track_size: u32,
+    pub tracks: u64,
+    pub tracks_per_range: u32,
+    pub generation: String,
+    pub marked_tracks: u64,
+    /// current ∪ old of every range.
+    pub runs: Vec<TrackRun>,
+    pub ranges: Vec<MapRangeView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapRangeView {
+    pub range: u32,
+    pub current_side: u32,
+    pub current: Vec<TrackRun>,
+    pub old: Vec<TrackRun>,
+    /// Write bios in flight counted on side 0 and side 1.
+    pub inflight: [u64; 2],
+    pub toggles: u32,
+    pub untracked: u64,
+}
+
+/// What `tandem dirty --json` prints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirtyView {
+    pub volume: String,
+    /// `kernel-map` (read from the pinned maps) or `daemon` (the daemon's in-process record).
+    pub source: String,
+    pub map: Option<MapDirtyView>,
+    /// Why there is no map to read.
+    pub no_map: Option<String>,
+    /// The daemon's per-peer records, when it answers.
+    pub daemon: Option<Vec<DirtyRun>>,
+    pub track_size: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,15 +184,21 @@ pub enum Reply {
     Status(Box<StatusView>),
     Dirty { track_size: u32, runs: Vec<DirtyRun> },
     Verifying { peer: u8 },
+    SnapshotPoint { message: String },
     Error { message: String },
 }
 
 /// Sends one request to the daemon listening on `socket` and returns its reply.
 pub fn call(socket: &Path, request: &Request) -> anyhow::Result<Reply> {
+    call_waiting(socket, request, Duration::from_secs(30))
+}
+
+/// [`call`], waiting up to `timeout` for the reply (for requests that take long).
+pub fn call_waiting(socket: &Path, request: &Request, timeout: Duration) -> anyhow::Result<Reply> {
     use anyhow::Context;
     let mut stream = UnixStream::connect(socket)
         .with_context(|| format!("cannot reach the daemon at {} (is `tandem daemon` running?)", socket.display()))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.set_read_timeout(Some(timeout))?;
     let mut line = serde_json::to_string(request)?;
     line.push('\n');
     stream.write_all(line.as_bytes())?;

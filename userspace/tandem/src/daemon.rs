@@ -15,17 +15,21 @@ use tandem_core::node::{Action, Event, HostError, HostIoId, IoError, IoId, Node,
 use tandem_core::wire::Message;
 use tandem_core::{NodeId, Role};
 
-/// A host request from the frontend.
+/// A host request from the frontend, or (`Written`) from attach mode's shipping loop: data
+/// already on the local device, shipped and never written back.
 #[derive(Debug)]
 pub enum HostOp {
     Write { offset: u64, data: Bytes, fua: bool },
     Discard { offset: u64, len: u64 },
     WriteZeroes { offset: u64, len: u64 },
     Flush,
+    Written { offset: u64, data: Bytes },
 }
 
 /// What the node's thread receives. `Run`: work the edges want done on the node's thread
 /// after the inputs queued before it (sending in one go what the last turns queued).
+/// `Inspect`: a look at the node from another thread (attach mode's shipping loop).
+/// `Record`: the record of written tracks, once the device exists (see `kernel_record`).
 pub enum Input {
     Host { op: HostOp, reply: Sender<Result<(), HostError>> },
     Connected(NodeId),
@@ -34,6 +38,8 @@ pub enum Input {
     IoDone { io: IoId, result: Result<Option<Bytes>, IoError> },
     Control { request: Request, reply: Sender<Reply> },
     Run(Box<dyn FnOnce() + Send>),
+    Inspect(Box<dyn FnOnce(&Node) + Send>),
+    Record(crate::kernel_record::Record),
 }
 
 /// The node's side of the edges: where actions go.
@@ -43,6 +49,21 @@ pub trait Edges {
     fn disconnect(&mut self, peer: NodeId, stand_alone: bool);
     fn reconnect(&mut self, peer: NodeId);
     fn device(&self) -> Option<String>;
+    /// Attach mode: the attached device and its shipping.
+    fn attach_view(&self) -> Option<crate::control::AttachView> {
+        None
+    }
+    /// Attach mode: hands a `snapshot-point` to the shipping loop, which answers `reply`.
+    fn snapshot_point(
+        &mut self,
+        _mountpoint: Option<std::path::PathBuf>,
+        _timeout: Duration,
+        _exec: Option<String>,
+        reply: Sender<Reply>,
+    ) {
+        let message = "this volume is not attached (snapshot-point is for attach mode)".into();
+        let _ = reply.send(Reply::Error { message });
+    }
 }
 
 pub struct Daemon<E: Edges> {
@@ -57,6 +78,8 @@ pub struct Daemon<E: Edges> {
     /// Shared with the frontend, which serves reads only on the primary.
     primary: Arc<AtomicBool>,
     down: Option<Sender<Reply>>,
+    /// The kernel map and its clearing cycles, or why there is none.
+    record: Option<crate::kernel_record::Record>,
 }
 
 impl<E: Edges> Daemon<E> {
@@ -68,8 +91,12 @@ impl<E: Edges> Daemon<E> {
         primary: Arc<AtomicBool>,
     ) -> Result<Self> {
         let peers = config.peers.iter().map(|(id, _)| *id).collect();
-        let node_config = NodeConfig::new(config.node, peers, config.geometry, config.mode);
-        let node = Node::new(node_config, meta, random_seed()).context("starting the replication state machine")?;
+        let mut node_config = NodeConfig::new(config.node, peers, config.geometry, config.mode);
+        node_config.attached = config.attach.is_some();
+        let mut node = Node::new(node_config, meta, random_seed()).context("starting the replication state machine")?;
+        if config.attach.is_some() {
+            node.start_attached().context("starting as the primary of the attached device")?;
+        }
         Ok(Daemon {
             config,
             node,
@@ -81,6 +108,7 @@ impl<E: Edges> Daemon<E> {
             start: Instant::now(),
             primary,
             down: None,
+            record: None,
         })
     }
 
@@ -95,7 +123,11 @@ impl<E: Edges> Daemon<E> {
         self.apply();
         loop {
             let now = self.now();
-            let next = self.timers.iter().map(|(at, _)| *at).min().unwrap_or(now + 1_000_000_000);
+            let mut next = self.timers.iter().map(|(at, _)| *at).min().unwrap_or(now + 1_000_000_000);
+            if let Some(crate::kernel_record::Record::Kernel(c)) = &self.record {
+                let due = c.due().saturating_duration_since(Instant::now()).as_nanos() as u64;
+                next = next.min(now + due);
+            }
             // Polls briefly before it sleeps: see `recv_polling`.
             match crate::runtime::recv_polling(&self.rx, Duration::from_nanos(next.saturating_sub(now))) {
                 Ok(input) => {
@@ -112,8 +144,21 @@ impl<E: Edges> Daemon<E> {
             }
             self.fire_timers();
             self.apply();
+            if let Some(crate::kernel_record::Record::Kernel(c)) = &mut self.record {
+                if c.due() <= Instant::now() {
+                    c.tick(&self.node);
+                }
+            }
             if self.down.is_some() && self.node.is_down() {
                 tracing::info!("orderly shutdown complete");
+                // The records are persisted: the kernel map is no longer needed, and `down`
+                // leaves nothing pinned.
+                if let Some(crate::kernel_record::Record::Kernel(c)) = self.record.take() {
+                    match c.unpin() {
+                        Ok(()) => tracing::info!("unpinned the kernel record"),
+                        Err(e) => tracing::warn!(error = %e, "unpinning the kernel record"),
+                    }
+                }
                 if let Some(reply) = self.down.take() {
                     let _ = reply.send(Reply::Ok);
                 }
@@ -138,6 +183,7 @@ impl<E: Edges> Daemon<E> {
                     HostOp::Discard { offset, len } => Event::HostDiscard { id, offset, len, zeroes: false },
                     HostOp::WriteZeroes { offset, len } => Event::HostDiscard { id, offset, len, zeroes: true },
                     HostOp::Flush => Event::HostFlush { id },
+                    HostOp::Written { offset, data } => Event::HostWritten { id, offset, data },
                 };
                 self.handle(event);
             }
@@ -151,8 +197,15 @@ impl<E: Edges> Daemon<E> {
             }
             Input::Message(peer, msg) => self.handle(Event::Received { peer, msg }),
             Input::Run(work) => work(),
+            Input::Inspect(look) => look(&self.node),
             Input::IoDone { io, result } => self.handle(Event::IoDone { io, result }),
             Input::Control { request, reply } => self.control(request, reply),
+            Input::Record(record) => {
+                if let crate::kernel_record::Record::Kernel(c) = &mut *self.record.insert(record) {
+                    // Mark at once what the core already holds (e.g. `out_of_sync`).
+                    c.tick(&self.node);
+                }
+            }
         }
     }
 
@@ -230,6 +283,11 @@ impl<E: Edges> Daemon<E> {
                     Reply::Error { message: "no verify is running".into() }
                 }
             }
+            Request::SnapshotPoint { mountpoint, timeout_ms, exec } => {
+                // Answered by the shipping loop, off this thread.
+                self.edges.snapshot_point(mountpoint, Duration::from_millis(timeout_ms), exec, reply);
+                return;
+            }
             Request::Down => match self.node.shutdown() {
                 Ok(()) => {
                     // Answered once the metadata says clean.
@@ -269,6 +327,8 @@ impl<E: Edges> Daemon<E> {
                 })
                 .collect(),
             verify: s.verify.map(verify_view),
+            record: self.record.as_ref().map(|r| r.view()),
+            attach: self.edges.attach_view(),
         }
     }
 

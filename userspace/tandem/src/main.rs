@@ -1,9 +1,11 @@
 //! `tandem`: the daemon (`tandem daemon`) and the operator's commands, which talk to the
 //! local daemon over its control socket.
 
+mod attach;
 mod config;
 mod control;
 mod daemon;
+mod kernel_record;
 mod report;
 mod runtime;
 mod watch;
@@ -69,7 +71,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// The recorded track runs per peer
+    /// The dirty track runs per range from the kernel map (read directly: works while the
+    /// daemon is down), else the daemon's in-process records per peer
     Dirty {
         #[arg(long)]
         json: bool,
@@ -87,6 +90,21 @@ enum Command {
     Connect,
     /// Orderly shutdown of the daemon: harden, persist the records, stop
     Down,
+    /// Attach mode: freeze the filesystem on the attached device, ship every written track
+    /// to the peers and have them harden it, thaw (always, also on error or timeout). The
+    /// secondary then holds a crash-consistent image of this moment
+    SnapshotPoint {
+        /// The filesystem to freeze (default: the one mounted from the attached device)
+        #[arg(long)]
+        mountpoint: Option<PathBuf>,
+        /// Give up (and thaw) after this long, e.g. 500ms, 60s
+        #[arg(long, default_value = "60s", value_parser = config::parse_duration)]
+        timeout: std::time::Duration,
+        /// A shell command the daemon runs at the snapshot point, after the peers hardened
+        /// everything and before the thaw (e.g. to snapshot the secondary's backing LV)
+        #[arg(long)]
+        exec: Option<String>,
+    },
     /// Write the man pages into a directory
     Man { dir: PathBuf },
     /// Print shell completions
@@ -124,7 +142,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
         command => {
             let config = Config::load(&cli.config)?;
             match command {
-                Command::Up { log } => watch::up(&config, log),
+                Command::Up { log } => {
+                    if config.record == kernel_record::RecordChoice::Bpf {
+                        kernel_record::require_bpf().map_err(|why| {
+                            anyhow::anyhow!("record = \"bpf\" in {}, but {why}", config.file.display())
+                        })?;
+                    }
+                    watch::up(&config, log)
+                }
                 Command::Status { watch: true, .. } => watch::status_watch(&config),
                 Command::Status { json, .. } => status(&config, json),
                 Command::Dirty { json } => dirty(&config, json),
@@ -133,6 +158,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Command::Invalidate => simple(&config, Request::Invalidate),
                 Command::Connect => simple(&config, Request::Connect),
                 Command::Down => simple(&config, Request::Down),
+                Command::SnapshotPoint { mountpoint, timeout, exec } => {
+                    snapshot_point(&config, mountpoint, timeout, exec)
+                }
                 Command::Daemon => {
                     init_logging();
                     runtime::run_daemon(config)
@@ -144,6 +172,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             .map(|()| ExitCode::SUCCESS)
         }
+    }
+}
+
+fn snapshot_point(
+    config: &Config,
+    mountpoint: Option<PathBuf>,
+    timeout: std::time::Duration,
+    exec: Option<String>,
+) -> Result<()> {
+    let mountpoint = match mountpoint {
+        // The daemon may run with another working directory.
+        Some(m) => Some(std::fs::canonicalize(&m).with_context(|| format!("--mountpoint {}", m.display()))?),
+        None => None,
+    };
+    let request = Request::SnapshotPoint { mountpoint, timeout_ms: timeout.as_millis() as u64, exec };
+    // The daemon answers once it thawed: give it the timeout and some more.
+    match control::call_waiting(&config.control, &request, timeout + std::time::Duration::from_secs(30))? {
+        Reply::SnapshotPoint { message } => {
+            println!("{message}");
+            Ok(())
+        }
+        Reply::Error { message } => bail!("{message}"),
+        other => bail!("unexpected reply {other:?}"),
     }
 }
 
@@ -173,14 +224,32 @@ fn status(config: &Config, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `tandem dirty`: the pinned maps first (they outlive the daemon), the daemon's records too
+/// when it answers.
 fn dirty(config: &Config, json: bool) -> Result<()> {
-    let Reply::Dirty { track_size, runs } = control::call(&config.control, &Request::Dirty)? else {
-        bail!("unexpected reply")
+    let (map, no_map) = match kernel_record::inspect(&config.record_pin) {
+        Ok(Some(map)) => (Some(map), None),
+        Ok(None) => (None, Some(format!("nothing is pinned at {}/{}", tandem_bpf::PIN_ROOT, config.record_pin))),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    let daemon = match control::call(&config.control, &Request::Dirty) {
+        Ok(Reply::Dirty { runs, .. }) => Some(runs),
+        Ok(other) => bail!("unexpected reply {other:?}"),
+        Err(e) if map.is_none() => return Err(e.context(no_map.unwrap_or_default())),
+        Err(_) => None,
+    };
+    let view = control::DirtyView {
+        volume: config.volume.clone(),
+        source: if map.is_some() { "kernel-map" } else { "daemon" }.into(),
+        map,
+        no_map,
+        daemon,
+        track_size: config.geometry.track_size(),
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&runs)?);
+        println!("{}", serde_json::to_string_pretty(&view)?);
     } else {
-        print!("{}", report::render_dirty(track_size, &runs));
+        print!("{}", report::render_dirty_view(&view));
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 use crate::config::Config;
 use crate::daemon::{Daemon, Edges, HostOp, Input};
+use crate::kernel_record::{self, Record, RecordChoice, RecordSpec};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -55,7 +56,11 @@ fn header(config: &Config) -> MetaHeader {
 
 /// `tandem create-md`: the metadata file, and a sparse backing file if there is none.
 pub fn create_metadata(config: &Config, force: bool) -> Result<()> {
-    if !config.data.exists() {
+    if config.attach.is_some() {
+        // The attached device holds the application's data: it must exist, and nothing is
+        // created or written on it.
+        crate::attach::check_for_create_md(config)?;
+    } else if !config.data.exists() {
         let f = std::fs::File::create_new(&config.data)
             .with_context(|| format!("creating the backing file {}", config.data.display()))?;
         f.set_len(config.geometry.volume_size())?;
@@ -180,15 +185,63 @@ impl BlockBackend for VolumeBackend {
     }
 }
 
+/// A daemon that died without `tandem down` left its kernel record pinned: what it holds
+/// goes into the persisted `out_of_sync`, durably, before anything is unpinned or loaded
+/// again, so the restarted node resyncs those tracks (see `kernel_record`, "Restart").
+fn recover_kernel_record(config: &Config, meta_file: &mut MetaFile, meta: &mut tandem_core::node::Meta) -> Result<()> {
+    let recovered = match kernel_record::recover_pinned(&config.record_pin, &config.geometry) {
+        Ok(Some(r)) => r,
+        Ok(None) => return Ok(()),
+        Err(e @ kernel_record::KernelRecordError::InUse { .. }) => return Err(e.into()),
+        Err(e) if config.record == RecordChoice::Bpf => {
+            return Err(anyhow::Error::new(e).context("reading the kernel record a previous daemon left pinned"))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read a kernel record a previous daemon may have left pinned");
+            return Ok(());
+        }
+    };
+    if let Some(why) = &recovered.untrusted {
+        tracing::warn!(pin = %recovered.pin_dir.display(), %why, "untrusted kernel record: every track counts as written");
+    }
+    let before = meta.out_of_sync.count_ones();
+    for &t in &recovered.tracks {
+        if let Some(mut bit) = meta.out_of_sync.get_mut(t as usize) {
+            *bit = true;
+        }
+    }
+    let added = meta.out_of_sync.count_ones() - before;
+    meta_file.write(meta).context("persisting the tracks of the pinned kernel record")?;
+    tracing::info!(
+        pin = %recovered.pin_dir.display(),
+        flavor = %recovered.flavor.map(|f| f.to_string()).unwrap_or_else(|| "unknown".into()),
+        tracks = recovered.tracks.len(),
+        added,
+        runs = ?kernel_record::track_runs(&recovered.tracks),
+        "a previous daemon left its kernel record pinned: its tracks are now out of sync (persisted)"
+    );
+    recovered.unpin().context("unpinning the previous daemon's kernel record")?;
+    Ok(())
+}
+
 /// `tandem daemon`: runs until `tandem down`.
 pub fn run_daemon(config: Config) -> Result<()> {
+    if config.attach.is_some() {
+        return crate::attach::run_daemon(config);
+    }
     tracing::info!(config = %config.file.display(), volume = %config.volume, node = config.node, "starting");
     if config.peers.is_empty() {
         tracing::warn!("no [[peer]] configured: this volume is not replicated");
     }
-    let (meta_file, meta) =
+    if config.record == RecordChoice::Bpf {
+        kernel_record::require_bpf()
+            .map_err(|why| anyhow::anyhow!("record = \"bpf\" in {}, but {why}", config.file.display()))?;
+    }
+    let (mut meta_file, mut meta) =
         MetaFile::open(&config.meta).context("opening the metadata (run `tandem create-md` first?)")?;
     meta_file.expect(u128::from(config.volume_id), config.node, &config.geometry)?;
+    recover_kernel_record(&config, &mut meta_file, &mut meta)?;
+    let generation = meta.generations.current;
     let (inbox, rx) = channel();
     // The store and the links put their completions and messages straight into the node's
     // inbox, from their own threads: no forwarding thread, one wake-up per hand-off.
@@ -239,6 +292,29 @@ pub fn run_daemon(config: Config) -> Result<()> {
     let options = LoopOptions { direct_io: true, block_size: Some(config.geometry.block_size()), read_only: false };
     let mut loop_device = tandem_frontend::attach_loop_with(mounted.file(), &options)?;
     let device_path = loop_device.path().display().to_string();
+    let spec = RecordSpec {
+        pin: config.record_pin.clone(),
+        device: loop_device.path().to_owned(),
+        geometry: config.geometry,
+        generation,
+    };
+    let record = kernel_record::start(config.record, &spec)
+        .with_context(|| format!("record = \"{}\" in {}", config.record, config.file.display()))?;
+    match &record {
+        Record::Kernel(c) => {
+            let view = c.view();
+            let (flavor, dir) = (view.flavor.unwrap_or_default(), view.pin_dir.unwrap_or_default());
+            tracing::info!(%flavor, pin = %dir, device = %device_path, "recording writes in the kernel map");
+            if let Some(why) = view.reason {
+                tracing::warn!(%why, "BPF write recording uses the classic tracepoints");
+            }
+        }
+        Record::Memory { reason } => {
+            tracing::warn!(%reason, "BPF write recording unavailable: the in-process bitmaps are the only record")
+        }
+    }
+    // Ahead of every control request: `tandem status` shows the record from the start.
+    let _ = inbox.send(Input::Record(record));
     *device.lock().expect("device lock") = Some(device_path.clone());
     tracing::info!(volume = %config.volume, device = %device_path, "volume exposed");
     crate::control::serve(&config.control, inbox)?;

@@ -23,11 +23,17 @@ pub struct NodeConfig {
     pub destage_interval: u64,
     /// Resync reads in flight at once.
     pub resync_window: usize,
+    /// Attach mode (docs/attach.md): the local device is written by an application Tandem
+    /// does not sit in front of. The node ships what it reads back from the device
+    /// ([`Event::HostWritten`]) and must never write the device itself, so it stays primary:
+    /// [`Node::demote`] is refused, and as a primary it refuses replicated writes and resyncs
+    /// into it (`BothPrimary`, `PrimaryWouldBeTarget`).
+    pub attached: bool,
 }
 
 impl NodeConfig {
     pub fn new(node: NodeId, peers: Vec<NodeId>, geometry: Geometry, mode: Mode) -> Self {
-        NodeConfig { node, peers, geometry, mode, destage_interval: 1_000_000_000, resync_window: 8 }
+        NodeConfig { node, peers, geometry, mode, destage_interval: 1_000_000_000, resync_window: 8, attached: false }
     }
 }
 
@@ -86,6 +92,17 @@ pub enum Event {
     },
     HostFlush {
         id: HostIoId,
+    },
+    /// Attach mode: `data` is already on the local device (an application wrote it there, and
+    /// the block layer's record marked its tracks when the write was queued, before the device
+    /// write: that mark, not this node's, is what keeps invariant 2). Handled like a host write
+    /// (records marked, `Data` sent to replicating peers, `out_of_sync` and a new generation
+    /// for absent ones, completion per mode) except that no local write is issued: writing the
+    /// copy back could overwrite newer data of the application.
+    HostWritten {
+        id: HostIoId,
+        offset: u64,
+        data: Bytes,
     },
     /// The transport to `peer` is up and authenticated.
     PeerConnected {
@@ -171,6 +188,8 @@ pub enum HostError {
     Geometry(#[from] GeometryError),
     #[error("the local disk failed: {0}")]
     DiskFailed(String),
+    #[error("this node is shutting down")]
+    ShuttingDown,
 }
 
 /// Why a connection was refused or dropped by the protocol (not by the transport).
@@ -234,6 +253,13 @@ pub enum AdminError {
     NoVerifyPeer,
     #[error("node {0} is primary: run verify there (only the writing node can keep a verify free of races)")]
     VerifyOnPrimary(NodeId),
+    #[error(
+        "this node replicates an attached device and stays primary while attached: as a secondary it \
+         would take writes under the application (stop the daemon to detach; docs/attach.md)"
+    )]
+    Attached,
+    #[error("this node is not configured to replicate an attached device")]
+    NotAttached,
 }
 
 /// What `tandem status` shows about one peer.

@@ -5,6 +5,9 @@
 //! covers the tracks), so a crash of this node can never leave a difference no record holds.
 //! With a peer absent, the write runs under a new generation and its tracks go into the
 //! persisted `out_of_sync` set before the local write.
+//!
+//! Attach mode feeds writes that are already on the local device ([`super::Event::HostWritten`]):
+//! they take the same path (records, `Data`, generations, completion) without a local write.
 
 use super::local::{HardenFor, WriteFor};
 use super::{Action, HardenScope, HostError, HostIoId, Node, Payload};
@@ -35,6 +38,8 @@ struct HostWrite {
     after_meta: u64,
     local: Local,
     need_hardened: bool,
+    /// Already on the local device (attach mode): no local write is ever issued for it.
+    on_device: bool,
 }
 
 struct HostFlush {
@@ -43,7 +48,7 @@ struct HostFlush {
 }
 
 enum Held {
-    Write { id: HostIoId, extent: Extent, payload: Payload, fua: bool },
+    Write { id: HostIoId, extent: Extent, payload: Payload, fua: bool, on_device: bool },
     Flush { id: HostIoId },
 }
 
@@ -88,6 +93,11 @@ impl Node {
         if self.meta.disk == crate::types::DiskState::Failed {
             return Err(HostError::DiskFailed("detached after an I/O error".into()));
         }
+        if self.shutting_down {
+            // Only an attached primary shuts down (others are secondaries, refused above):
+            // nothing may arrive once the records are being persisted.
+            return Err(HostError::ShuttingDown);
+        }
         Ok(())
     }
 
@@ -96,6 +106,15 @@ impl Node {
     }
 
     pub(super) fn host_write(&mut self, id: HostIoId, extent: Extent, payload: Payload, fua: bool) {
+        self.host_write_as(id, extent, payload, fua, false)
+    }
+
+    /// A write an application already made to the local device (attach mode).
+    pub(super) fn host_write_on_device(&mut self, id: HostIoId, extent: Extent, payload: Payload) {
+        self.host_write_as(id, extent, payload, false, true)
+    }
+
+    fn host_write_as(&mut self, id: HostIoId, extent: Extent, payload: Payload, fua: bool, on_device: bool) {
         if let Err(e) = self.host_gate() {
             return self.emit(Action::CompleteHost { id, result: Err(e) });
         }
@@ -104,7 +123,7 @@ impl Node {
             Err(e) => return self.emit(Action::CompleteHost { id, result: Err(e.into()) }),
         };
         if self.handshaking() {
-            self.host.held.push_back(Held::Write { id, extent, payload, fua });
+            self.host.held.push_back(Held::Write { id, extent, payload, fua, on_device });
             return;
         }
         let wid = self.next_wid;
@@ -143,6 +162,7 @@ impl Node {
             // volume configured without peers is a plain local disk (flushes harden it).
             need_hardened: synchronous_hardening
                 || (self.cfg.mode == Mode::Memory && !self.peers.is_empty() && replicating.is_empty()),
+            on_device,
         };
         self.host.by_wid.insert(wid, id);
         self.host.writes.insert(id, write);
@@ -181,6 +201,20 @@ impl Node {
         w.local = Local::Admitted;
         let (extent, payload, fua, after) =
             (w.extent, w.payload.take().expect("payload"), w.need_hardened, w.after_meta);
+        if w.on_device {
+            // The data is on the device already, and the application may have written newer
+            // data since this copy was read: writing it back could undo that. Its durability
+            // on this device is the application's (its flushes reach the device directly), so
+            // the local half counts as hardened. A destage scan must still follow: only its
+            // DestageDone lets the peers forget the tracks.
+            let g = self.cfg.geometry;
+            if let Ok(span) = g.span(extent) {
+                for r in g.ranges_of(span) {
+                    self.destage.scan_due[r as usize] = true;
+                }
+            }
+            return self.host_local_done(id, true);
+        }
         self.admit_write(extent, payload, fua, after, WriteFor::Host(id));
     }
 
@@ -229,7 +263,9 @@ impl Node {
     }
 
     fn host_try_complete(&mut self, id: HostIoId) {
-        let w = &self.host.writes[&id];
+        // A write already on the device completes as soon as it is admitted, which can be
+        // before the caller that admitted it asks again.
+        let Some(w) = self.host.writes.get(&id) else { return };
         let local_ok = w.local == Local::Hardened || (w.local == Local::Cached && !w.need_hardened);
         if local_ok && w.receipt.is_empty() && w.hardened.is_empty() && self.meta_durable >= w.after_meta {
             let w = self.host.writes.remove(&id).expect("host write");
@@ -329,7 +365,9 @@ impl Node {
         }
         while let Some(h) = self.host.held.pop_front() {
             match h {
-                Held::Write { id, extent, payload, fua } => self.host_write(id, extent, payload, fua),
+                Held::Write { id, extent, payload, fua, on_device } => {
+                    self.host_write_as(id, extent, payload, fua, on_device)
+                }
                 Held::Flush { id } => self.host_flush(id),
             }
         }

@@ -189,6 +189,10 @@ impl Node {
             Event::HostDiscard { id, offset, len, zeroes } => {
                 self.host_write(id, Extent::new(offset, len), Payload::Zeroes { len, discard: !zeroes }, false)
             }
+            Event::HostWritten { id, offset, data } => {
+                let len = data.len() as u64;
+                self.host_write_on_device(id, Extent::new(offset, len), Payload::Data(data))
+            }
             Event::HostFlush { id } => self.host_flush(id),
             Event::PeerConnected { peer } => self.peer_connected(peer),
             Event::PeerLost { peer } => self.peer_lost(peer),
@@ -209,7 +213,10 @@ impl Node {
     /// Orderly shutdown: hardens the cache, then persists the records into `out_of_sync`
     /// with the clean flag. The caller keeps feeding completions until [`Node::is_down`].
     pub fn shutdown(&mut self) -> Result<(), AdminError> {
-        if self.meta.role == Role::Primary {
+        // An attached node is primary for good (it cannot demote), and stopping it loses no
+        // acknowledged write: its writes are the application's, on the device already, and
+        // those not shipped yet are in the kernel's record. New ones are refused from here on.
+        if self.meta.role == Role::Primary && !self.cfg.attached {
             return Err(AdminError::IsPrimary);
         }
         if !self.shutting_down {
@@ -297,7 +304,40 @@ impl Node {
         Ok(())
     }
 
+    /// Attach mode, once before the first event: the attached device is the volume's data
+    /// whatever the metadata says (the application kept writing it while no daemon ran, and
+    /// the kernel's record, not this node's, knows where), so the node becomes primary of a
+    /// new generation. A peer that stayed secondary is then behind it and takes the records'
+    /// tracks from it; a peer promoted meanwhile that wrote has diverged and is refused as a
+    /// split brain, never merged; one that did not write is refused as a primary that would
+    /// be target. Either way nothing is ever written to the attached device.
+    pub fn start_attached(&mut self) -> Result<(), AdminError> {
+        if !self.cfg.attached {
+            return Err(AdminError::NotAttached);
+        }
+        if self.meta.disk == DiskState::Failed {
+            return Err(AdminError::DiskFailed);
+        }
+        if self.peers.values().any(|p| is_linked(p.conn)) {
+            return Err(AdminError::Handshaking);
+        }
+        self.meta.disk = DiskState::UpToDate;
+        self.meta.before_resync = None;
+        let next = self.fresh_gen();
+        if self.meta.generations.current == 0 {
+            self.meta.generations = Generations::new(next);
+        } else {
+            self.meta.generations.rotate(next);
+        }
+        self.meta.role = Role::Primary;
+        self.persist_meta();
+        Ok(())
+    }
+
     pub fn demote(&mut self) -> Result<(), AdminError> {
+        if self.cfg.attached {
+            return Err(AdminError::Attached);
+        }
         if self.peers.values().any(|p| p.conn == ConnState::Handshaking) {
             return Err(AdminError::Handshaking);
         }
@@ -359,6 +399,18 @@ impl Node {
     /// The record of `peer`: tracks where it may hold data different from this node's.
     pub fn record(&self, peer: NodeId) -> Option<&DirtyMap> {
         self.peers.get(&peer).map(|p| &p.record)
+    }
+    /// Tracks of a resync with `peer` not yet confirmed in sync (empty without a resync).
+    /// A target's pending tracks may already be gone from [`Node::record`] (the source's
+    /// destage scans clear them), yet they still differ: a mirror of the records (the daemon's
+    /// kernel map) must keep them, as [`Node::shutdown`] persists them.
+    pub fn resync_unconfirmed(&self, peer: NodeId) -> Vec<TrackId> {
+        self.peers.get(&peer).and_then(|p| p.resync.as_ref()).map(|r| r.unconfirmed()).unwrap_or_default()
+    }
+    /// Whether `track` is among [`Node::resync_unconfirmed`] of `peer`, without listing them
+    /// (a full resync's list is the whole volume).
+    pub fn resync_holds(&self, peer: NodeId, track: TrackId) -> bool {
+        self.peers.get(&peer).and_then(|p| p.resync.as_ref()).is_some_and(|r| r.holds(track))
     }
     pub fn config(&self) -> &NodeConfig {
         &self.cfg

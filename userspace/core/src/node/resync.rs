@@ -55,6 +55,16 @@ impl Resync {
         }
     }
 
+    /// Whether `track` is among [`Resync::unconfirmed`], without listing them.
+    pub fn holds(&self, track: TrackId) -> bool {
+        match self {
+            Resync::Source { todo, reading, awaiting, .. } => {
+                todo.contains(&track) || reading.contains_key(&track) || awaiting.contains(&track)
+            }
+            Resync::Target { pending, .. } => pending.get(track as usize).is_some_and(|b| *b),
+        }
+    }
+
     /// Tracks not yet confirmed in sync: they stay recorded when the resync is cut short.
     pub fn unconfirmed(&self) -> Vec<TrackId> {
         match self {

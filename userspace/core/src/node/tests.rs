@@ -376,3 +376,174 @@ fn verify_is_refused_with_a_reason() {
     let mut alone = Node::new(NodeConfig::new(0, vec![1], g, Mode::Memory), Meta::fresh(&g, 7), 1).unwrap();
     assert_eq!(alone.verify(None, None), Err(AdminError::NoVerifyPeer));
 }
+
+/// A primary in attach mode, connected to peer 1, both in sync.
+fn attached_primary(mode: Mode) -> Node {
+    let g = geometry();
+    let mut cfg = NodeConfig::new(0, vec![1], g, mode);
+    cfg.attached = true;
+    let mut n = Node::new(cfg, Meta::fresh(&g, 7), 1).unwrap();
+    n.start_attached().unwrap();
+    assert_eq!(n.role(), Role::Primary);
+    assert_eq!(n.generations().history[0], 7, "a new generation descending from the one it had");
+    let a = drain(&mut n);
+    persist_all(&mut n, &a);
+    n.handle(0, Event::PeerConnected { peer: 1 });
+    let mut peer = report(1, Role::Secondary, DiskState::UpToDate, Generations::new(7), false);
+    peer.mode = mode;
+    n.handle(0, Event::Received { peer: 1, msg: Message::State(peer) });
+    n.handle(0, Event::Received { peer: 1, msg: Message::RecordEnd { tracks: 0 } });
+    let a = drain(&mut n);
+    persist_all(&mut n, &a);
+    assert!(a.contains(&Action::Send { peer: 1, msg: Message::ResyncEnd { tracks: 0 } }), "{a:?}");
+    assert_eq!(n.conn(1), Some(ConnState::Connected));
+    n
+}
+
+fn no_local_write(a: &[Action]) {
+    assert!(!a.iter().any(|x| matches!(x, Action::WriteLocal { .. })), "never written back: {a:?}");
+}
+
+#[test]
+fn a_write_already_on_the_device_is_shipped_recorded_and_never_written_back() {
+    let mut n = attached_primary(Mode::Memory);
+    n.handle(0, Event::HostWritten { id: 9, offset: 4096, data: Bytes::from(vec![1u8; 4096]) });
+    let a = drain(&mut n);
+    assert!(
+        matches!(&a[..], [Action::Send { peer: 1, msg: Message::Data { id: 1, offset: 4096, fua: false, .. } }]),
+        "{a:?}"
+    );
+    assert!(n.record(1).unwrap().is_marked(1), "the peer's record holds the track");
+    n.handle(0, Event::Received { peer: 1, msg: Message::ReceiptAck { id: 1 } });
+    let a = drain(&mut n);
+    no_local_write(&a);
+    assert_eq!(a, vec![Action::CompleteHost { id: 9, result: Ok(()) }], "memory mode: the peer's receipt is enough");
+    assert!(n.record(1).unwrap().is_marked(1), "still recorded until the peer's scan clears it");
+    // The range is scanned like any written range, so that the peer can forget the tracks.
+    n.handle(1, Event::Timer(Timer::Destage));
+    let a = drain(&mut n);
+    assert!(a.contains(&Action::Send { peer: 1, msg: Message::DestageStart { range: 0 } }), "{a:?}");
+}
+
+#[test]
+fn in_disk_mode_a_write_on_the_device_completes_once_the_peer_hardened_it() {
+    let mut n = attached_primary(Mode::Disk);
+    n.handle(0, Event::HostWritten { id: 9, offset: 0, data: Bytes::from(vec![1u8; 512]) });
+    drain(&mut n);
+    n.handle(0, Event::Received { peer: 1, msg: Message::ReceiptAck { id: 1 } });
+    let a = drain(&mut n);
+    no_local_write(&a);
+    assert!(a.is_empty(), "the peer has not hardened it yet: {a:?}");
+    n.handle(0, Event::Received { peer: 1, msg: Message::HardenedAck { id: 1 } });
+    assert_eq!(drain(&mut n), vec![Action::CompleteHost { id: 9, result: Ok(()) }]);
+}
+
+#[test]
+fn a_write_on_the_device_with_the_peer_absent_goes_into_out_of_sync_first() {
+    let mut n = attached_primary(Mode::Memory);
+    let before = n.generations().current;
+    n.handle(0, Event::PeerLost { peer: 1 });
+    let a = drain(&mut n);
+    persist_all(&mut n, &a);
+    n.handle(0, Event::HostWritten { id: 3, offset: 8192, data: Bytes::from(vec![2u8; 512]) });
+    let a = drain(&mut n);
+    no_local_write(&a);
+    let [Action::PersistMeta { io, ref meta }] = a[..] else { panic!("metadata first: {a:?}") };
+    assert_ne!(meta.generations.current, before);
+    assert!(meta.out_of_sync[2]);
+    n.handle(0, Event::IoDone { io, result: Ok(None) });
+    let a = drain(&mut n);
+    no_local_write(&a);
+    assert_eq!(a, vec![Action::CompleteHost { id: 3, result: Ok(()) }]);
+    assert!(n.record(1).unwrap().is_marked(2) && n.meta().out_of_sync[2], "the track stays recorded for the peer");
+}
+
+#[test]
+fn a_write_on_the_device_held_during_a_handshake_is_replayed_without_a_local_write() {
+    let mut n = attached_primary(Mode::Memory);
+    n.handle(0, Event::PeerLost { peer: 1 });
+    let a = drain(&mut n);
+    persist_all(&mut n, &a);
+    n.handle(0, Event::PeerConnected { peer: 1 });
+    drain(&mut n);
+    n.handle(0, Event::HostWritten { id: 5, offset: 0, data: Bytes::from(vec![3u8; 512]) });
+    assert!(drain(&mut n).is_empty(), "held while the peer handshakes");
+    let mut peer = report(1, Role::Secondary, DiskState::UpToDate, n.generations().clone(), false);
+    peer.generations = Generations { current: 7, history: vec![] };
+    n.handle(0, Event::Received { peer: 1, msg: Message::State(peer) });
+    n.handle(0, Event::Received { peer: 1, msg: Message::RecordEnd { tracks: 0 } });
+    let a = drain(&mut n);
+    persist_all(&mut n, &a);
+    no_local_write(&a);
+    assert!(a.iter().any(|x| matches!(x, Action::Send { peer: 1, msg: Message::Data { offset: 0, .. } })), "{a:?}");
+}
+
+#[test]
+fn an_attached_node_refuses_what_would_write_under_the_application() {
+    let mut n = attached_primary(Mode::Memory);
+    assert_eq!(n.demote(), Err(AdminError::Attached));
+    assert_eq!(n.role(), Role::Primary);
+    // Replicated writes from a peer: refused (a primary takes none).
+    let data = Message::Data { id: 1, offset: 0, fua: false, payload: Bytes::from(vec![0u8; 512]) };
+    n.handle(0, Event::Received { peer: 1, msg: data });
+    let a = drain(&mut n);
+    no_local_write(&a);
+    assert!(matches!(&a[0], Action::Disconnect { peer: 1, reason: Refusal::BothPrimary, stand_alone: true }), "{a:?}");
+    // A peer ahead of it would make it a resync target: refused.
+    let g = geometry();
+    let mut cfg = NodeConfig::new(0, vec![1], g, Mode::Memory);
+    cfg.attached = true;
+    let mut n = Node::new(cfg, Meta::fresh(&g, 7), 1).unwrap();
+    n.start_attached().unwrap();
+    let ours = n.generations().clone();
+    let a = drain(&mut n);
+    persist_all(&mut n, &a);
+    n.handle(0, Event::PeerConnected { peer: 1 });
+    let mut ahead = report(
+        1,
+        Role::Secondary,
+        DiskState::UpToDate,
+        Generations { current: 99, history: vec![ours.current] },
+        false,
+    );
+    ahead.primary = None;
+    n.handle(0, Event::Received { peer: 1, msg: Message::State(ahead) });
+    n.handle(0, Event::Received { peer: 1, msg: Message::RecordEnd { tracks: 0 } });
+    let a = drain(&mut n);
+    no_local_write(&a);
+    assert!(
+        a.iter()
+            .any(|x| matches!(x, Action::Disconnect { reason: Refusal::PrimaryWouldBeTarget, stand_alone: true, .. })),
+        "{a:?}"
+    );
+    // And a node that is not attached cannot start as one.
+    let mut plain = Node::new(NodeConfig::new(0, vec![1], g, Mode::Memory), Meta::fresh(&g, 7), 1).unwrap();
+    assert_eq!(plain.start_attached(), Err(AdminError::NotAttached));
+}
+
+#[test]
+fn an_attached_primary_shuts_down_and_refuses_later_writes() {
+    let mut n = attached_primary(Mode::Memory);
+    n.handle(0, Event::HostWritten { id: 1, offset: 3 * 4096, data: Bytes::from(vec![1u8; 4096]) });
+    drain(&mut n);
+    n.shutdown().unwrap();
+    n.handle(0, Event::HostWritten { id: 2, offset: 0, data: Bytes::from(vec![1u8; 4096]) });
+    let a = drain(&mut n);
+    no_local_write(&a);
+    assert!(a.contains(&Action::CompleteHost { id: 2, result: Err(HostError::ShuttingDown) }), "{a:?}");
+    let mut pending: Vec<Action> = a;
+    // Complete every local I/O until the clean flag is durable.
+    for _ in 0..10 {
+        for x in std::mem::take(&mut pending) {
+            match x {
+                Action::PersistMeta { io, .. } | Action::Harden { io, .. } => {
+                    n.handle(0, Event::IoDone { io, result: Ok(None) })
+                }
+                _ => {}
+            }
+        }
+        pending = drain(&mut n);
+    }
+    assert!(n.is_down());
+    assert!(n.meta().clean && n.meta().out_of_sync[3], "the unacknowledged track is persisted: {:?}", n.meta());
+}

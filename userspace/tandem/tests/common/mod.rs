@@ -108,17 +108,24 @@ meta = "{d}/n{id}.meta"
 listen = "{listen}"
 control = "{d}/n{id}.sock"
 mountpoint = "{d}/fuse{id}"
+record_pin = "{pin}"
 
 [[peer]]
 id = {peer}
 address = "{peer_address}"
 "#,
             d = dir.display(),
+            pin = record_pin(dir, id),
         );
         std::fs::write(&config, text).unwrap();
         let node = Node { id, dir: dir.to_owned(), config, daemon: None, launcher, net: None };
         node.tandem(&["create-md"]);
         node
+    }
+
+    /// `/sys/fs/bpf/tandem/<this>/`: the node's kernel record.
+    pub fn pin_dir(&self) -> PathBuf {
+        Path::new("/sys/fs/bpf/tandem").join(record_pin(&self.dir, self.id))
     }
 
     /// The namespaces this node lives in.
@@ -189,7 +196,22 @@ address = "{peer_address}"
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill();
+        // A killed daemon's programs stay attached (that is the point of pinning them): a
+        // test must not leave them recording on this host.
+        let _ = tandem_bpf::unpin(&record_pin(&self.dir, self.id));
     }
+}
+
+/// Tracks marked in `n`'s kernel record (0 when its record is the in-process one).
+pub fn kernel_marked_tracks(n: &Node) -> u64 {
+    n.status().and_then(|s| s["record"]["marked_tracks"].as_u64()).unwrap_or(0)
+}
+
+/// The kernel record's pin name of node `id` of the test in `dir`: two nodes of one volume
+/// share this host, and tests run in parallel, so it names both.
+pub fn record_pin(dir: &Path, id: u8) -> String {
+    let test = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    format!("e2e-n{id}-{}", test.trim_start_matches('.'))
 }
 
 pub fn wait(what: &str, mut done: impl FnMut() -> bool) {
