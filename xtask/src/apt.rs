@@ -23,6 +23,10 @@ pub const APT_PACKAGES: &[&str] = &[
     "make",
     "pkg-config",
     "zlib1g-dev",
+    // Building `tandem-frontend`'s ublk frontend: libublk-rs-sys runs bindgen over the ublk
+    // UAPI header, which needs libclang and the kernel's UAPI headers (<linux/...>).
+    "libclang1-16",
+    "linux-libc-dev",
 ];
 
 /// Install the missing packages of [`APT_PACKAGES`] when root; otherwise fail naming them.

@@ -54,7 +54,9 @@ impl Node {
             format!(
                 "[volume]\nname = \"{name}\"\nid = {vid}\nsize = \"{size}\"\nmode = \"{mode}\"\nsecret = \"{secret}\"\n\n\
                  [node]\nid = {id}\ndata = \"{d}/node{id}.img\"\nmeta = \"{d}/node{id}.meta\"\nlisten = \"{listen}\"\n\
-                 control = \"{d}/node{id}.sock\"\nmountpoint = \"{f}\"\n{peer}",
+                 control = \"{d}/node{id}.sock\"\nmountpoint = \"{f}\"\n\
+                 # both nodes share this host's BPF filesystem: one pin directory each\n\
+                 record_pin = \"{name}-n{id}\"\n{peer}",
                 name = volume.name,
                 vid = volume.id,
                 size = volume.size,

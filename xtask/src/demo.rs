@@ -161,6 +161,13 @@ impl Demo {
         self.kill(0);
         self.wait("node 1 to notice", |d| d.peer(1).is_some_and(|p| p["connection"] != "Connected"))?;
         self.show(1, &["status"])?;
+        // The dead daemon's record outlives it in the kernel (`record_pin` in cluster.rs).
+        if Path::new("/sys/fs/bpf/tandem/demo-n0/params").exists() {
+            println!("(node 0's daemon is dead; its record of written tracks is still pinned in the kernel)");
+            self.show(0, &["dirty"])?;
+        } else {
+            println!("(no BPF write record here: node 0's record died with its daemon; node 1's covers it)");
+        }
 
         step(4, "Failover: node 1 is promoted; the files are intact; it keeps recording what node 0 misses");
         self.show(1, &["primary"])?;

@@ -12,6 +12,7 @@ mod paths;
 mod sim;
 mod test;
 mod tools;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -36,6 +37,8 @@ enum Task {
     Sim(sim::SimArgs),
     /// Fuzz the wire decoder with cargo-fuzz on the nightly toolchain
     Fuzz(fuzz::FuzzArgs),
+    /// Boot Debian's 6.12 kernel under QEMU with the host's root visible and run a guest scenario (root)
+    VmTest(vm::VmTestArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
         Task::Test => test::run(),
         Task::Sim(args) => sim::run(&args),
         Task::Fuzz(args) => fuzz::run(&args),
+        Task::VmTest(args) => vm::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

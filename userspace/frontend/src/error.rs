@@ -132,6 +132,14 @@ pub enum FrontendError {
         /// The loop device.
         device: PathBuf,
     },
+    /// A ublk control or queue operation failed (no ublk_drv, device busy, not root, ...).
+    #[error("ublk: {op}: {detail}")]
+    Ublk {
+        /// What was being done (`ADD_DEV`, `START_USER_RECOVERY`, `serve`, ...).
+        op: &'static str,
+        /// What libublk or the kernel said.
+        detail: String,
+    },
 }
 
 /// Result alias for setup and teardown.

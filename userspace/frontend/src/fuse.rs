@@ -69,7 +69,7 @@ static IO_FLUSHER_WARNED: AtomicBool = AtomicBool::new(false);
 
 /// fuser spawns its serving threads itself and offers no start hook, so each thread marks
 /// itself on its first request (a thread-local check afterwards).
-fn ensure_io_flusher() {
+pub(crate) fn ensure_io_flusher() {
     IO_FLUSHER_DONE.with(|done| {
         if !done.get() {
             done.set(true);

@@ -1,4 +1,5 @@
-//! Block-device frontends: ublk on kernels that have it, a FUSE file + loop device elsewhere.
+//! Block-device frontends: ublk on kernels that have it ([`UblkFrontend`]), a FUSE file + loop
+//! device elsewhere.
 //!
 //! The daemon implements [`BlockBackend`] for a volume. The file frontend serves it as one
 //! regular file in a FUSE mount ([`mount`] → [`Mounted::file`]), and [`attach_loop`] puts a
@@ -28,12 +29,17 @@ mod error;
 mod fuse;
 mod loopdev;
 mod mount;
+mod ublk;
 
 pub use backend::BlockBackend;
 pub use error::{BackendError, FrontendError, Result};
 pub use fuse::set_io_flusher;
 pub use loopdev::{attach_loop, attach_loop_with, LoopDevice, LoopOptions};
 pub use mount::{mount, FileFrontend, FileFrontendOptions, Mounted};
+pub use ublk::{
+    private_mount_namespace, stop_device, unavailable as ublk_unavailable, UblkDevice, UblkFrontend, UblkOptions,
+    UblkStart, UBLK_CONTROL,
+};
 
 #[cfg(test)]
 mod tests {
