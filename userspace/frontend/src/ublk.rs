@@ -197,6 +197,34 @@ pub fn stop_device(id: u32) -> Result<()> {
     Ok(())
 }
 
+/// The kernel's state of a ublk device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UblkState {
+    /// Added but not started, or stopped.
+    Dead,
+    /// Served.
+    Live,
+    /// Its server died and user recovery holds its I/O: [`UblkStart::Recover`] re-attaches.
+    Quiesced,
+    /// A state this crate does not know (a newer kernel's).
+    Other(u16),
+}
+
+/// The state of device `id`, or `None` when there is no such device (no `/dev/ublkc<id>`).
+pub fn device_state(id: u32) -> Result<Option<UblkState>> {
+    if !Path::new(&format!("/dev/ublkc{id}")).exists() {
+        return Ok(None);
+    }
+    let ctrl = UblkCtrl::new_simple(id as i32).map_err(|e| ublk_error("open the device to read its state", e))?;
+    ctrl.read_dev_info().map_err(|e| ublk_error("GET_DEV_INFO", e))?;
+    Ok(Some(match u32::from(ctrl.dev_info().state) {
+        libublk::sys::UBLK_S_DEV_DEAD => UblkState::Dead,
+        libublk::sys::UBLK_S_DEV_LIVE => UblkState::Live,
+        libublk::sys::UBLK_S_DEV_QUIESCED => UblkState::Quiesced,
+        other => UblkState::Other(other as u16),
+    }))
+}
+
 /// Moves this process into a mount namespace of its own, with private propagation, and there
 /// lazily detaches every mount that sits on `/dev/ublkb<device>` or on a device stacked on it
 /// (device-mapper, ...: the `holders` in sysfs, recursively).

@@ -69,6 +69,8 @@ struct RawNode {
     mountpoint: Option<PathBuf>,
     #[serde(default = "default_frontend")]
     frontend: String,
+    /// The user-facing device-mapper name (default `tandem-<volume>`).
+    dm_name: Option<String>,
     /// Where the record of written tracks lives: auto, bpf, memory.
     record: Option<String>,
     /// The record's pin directory name under /sys/fs/bpf/tandem/ (default: the volume name).
@@ -95,7 +97,7 @@ fn default_mode() -> String {
     "memory".into()
 }
 fn default_frontend() -> String {
-    "file".into()
+    "auto".into()
 }
 
 /// A validated configuration.
@@ -126,6 +128,10 @@ pub struct Config {
     pub record: crate::kernel_record::RecordChoice,
     /// `[node] record_pin`: the pinned maps are under `/sys/fs/bpf/tandem/<record_pin>/`.
     pub record_pin: String,
+    /// `[node] frontend`: ublk, the FUSE file + loop device, or the best available.
+    pub frontend: crate::kernel_frontend::FrontendChoice,
+    /// `[node] dm_name`: the user-facing device is `/dev/mapper/<dm_name>`.
+    pub dm_name: String,
 }
 
 /// Parses durations like `500ms`, `1s`, `4s`.
@@ -195,9 +201,7 @@ impl Config {
         if secret.len() < 16 {
             return Err(invalid("volume.secret", format!("{} bytes is too short (at least 16)", secret.len())));
         }
-        if raw.node.frontend != "file" {
-            return Err(invalid("node.frontend", format!("'{}' is not available here (file)", raw.node.frontend)));
-        }
+        let frontend = raw.node.frontend.parse().map_err(|reason| invalid("node.frontend", reason))?;
         let (data, attach) = match (raw.node.data, raw.node.attach) {
             (Some(data), None) => (data, None),
             (None, Some(device)) => {
@@ -281,7 +285,16 @@ impl Config {
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
             return Err(invalid("volume.name", format!("'{name}': use letters, digits, '-' and '_'")));
         }
+        let dm_name = raw.node.dm_name.unwrap_or_else(|| format!("tandem-{name}"));
+        if dm_name.is_empty()
+            || dm_name.len() > 127
+            || !dm_name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(invalid("node.dm_name", format!("'{dm_name}': use letters, digits, '-', '_' and '.'")));
+        }
         Ok(Config {
+            frontend,
+            dm_name,
             file: file.to_owned(),
             control: raw.node.control.unwrap_or_else(|| PathBuf::from(format!("/run/tandem/{name}.sock"))),
             mountpoint: raw.node.mountpoint.unwrap_or_else(|| PathBuf::from(format!("/run/tandem/{name}"))),
@@ -408,6 +421,19 @@ address = "127.0.0.1:7789"
         assert!(e.contains("auto, bpf, memory"), "{e}");
         let e = parse(&GOOD.replace("[node]", "[node]\nrecord_pin = \"../etc\"")).unwrap_err().to_string();
         assert!(e.starts_with("/etc/tandem/vol0.toml: node.record_pin:") && e.contains("../etc"), "{e}");
+    }
+
+    #[test]
+    fn the_frontend_is_checked() {
+        use crate::kernel_frontend::FrontendChoice;
+        let c = parse(GOOD).unwrap();
+        assert_eq!((c.frontend, c.dm_name.as_str()), (FrontendChoice::Auto, "tandem-vol0"));
+        let c = parse(&GOOD.replace("[node]", "[node]\nfrontend = \"ublk\"\ndm_name = \"tandem-vol0-n1\"")).unwrap();
+        assert_eq!((c.frontend, c.dm_name.as_str()), (FrontendChoice::Ublk, "tandem-vol0-n1"));
+        let e = parse(&GOOD.replace("[node]", "[node]\nfrontend = \"nbd\"")).unwrap_err().to_string();
+        assert!(e.starts_with("/etc/tandem/vol0.toml: node.frontend: unknown frontend 'nbd'"), "{e}");
+        let e = parse(&GOOD.replace("[node]", "[node]\ndm_name = \"a/b\"")).unwrap_err().to_string();
+        assert!(e.contains("node.dm_name"), "{e}");
     }
 
     #[test]

@@ -68,6 +68,23 @@ pub struct StatusView {
     /// Attach mode: the attached device and the shipping loop's progress.
     #[serde(default)]
     pub attach: Option<AttachView>,
+    /// The frontend device under the user-facing one, and the device-mapper table.
+    #[serde(default)]
+    pub frontend: Option<FrontendView>,
+}
+
+/// How the volume is exposed: `device` (above) is `/dev/mapper/<dm>` when device-mapper is
+/// there, the frontend's own device otherwise.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrontendView {
+    /// `ublk` or `file`.
+    pub kind: String,
+    /// `/dev/ublkbN` or `/dev/loopN`.
+    pub device: String,
+    /// `/dev/mapper/<name>` over it, or None.
+    pub dm: Option<String>,
+    /// Why the file frontend (ublk unavailable), why no dm table, a recovery waiting, ...
+    pub notes: Vec<String>,
 }
 
 /// An attached device (attach mode, docs/attach.md) and its shipping.
@@ -209,6 +226,15 @@ pub fn call_waiting(socket: &Path, request: &Request, timeout: Duration) -> anyh
 
 /// Serves the control socket: each connection sends one request line and gets one reply.
 pub fn serve(socket: &Path, daemon: std::sync::mpsc::Sender<crate::daemon::Input>) -> anyhow::Result<()> {
+    serve_with(socket, daemon, None)
+}
+
+/// [`serve`], with role changes wrapped by `wrap` (a device-mapper suspend / resume).
+pub fn serve_with(
+    socket: &Path,
+    daemon: std::sync::mpsc::Sender<crate::daemon::Input>,
+    wrap: Option<std::sync::Arc<crate::kernel_frontend::RoleWrap>>,
+) -> anyhow::Result<()> {
     use anyhow::Context;
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -224,14 +250,18 @@ pub fn serve(socket: &Path, daemon: std::sync::mpsc::Sender<crate::daemon::Input
         .with_context(|| format!("binding the control socket {}", socket.display()))?;
     std::thread::Builder::new().name("control".into()).spawn(move || {
         for stream in listener.incoming().flatten() {
-            let daemon = daemon.clone();
-            let _ = std::thread::Builder::new().name("control-conn".into()).spawn(move || answer(stream, daemon));
+            let (daemon, wrap) = (daemon.clone(), wrap.clone());
+            let _ = std::thread::Builder::new().name("control-conn".into()).spawn(move || answer(stream, daemon, wrap));
         }
     })?;
     Ok(())
 }
 
-fn answer(stream: UnixStream, daemon: std::sync::mpsc::Sender<crate::daemon::Input>) {
+fn answer(
+    stream: UnixStream,
+    daemon: std::sync::mpsc::Sender<crate::daemon::Input>,
+    wrap: Option<std::sync::Arc<crate::kernel_frontend::RoleWrap>>,
+) {
     let mut line = String::new();
     let mut reader = BufReader::new(&stream);
     if reader.read_line(&mut line).is_err() {
@@ -239,11 +269,20 @@ fn answer(stream: UnixStream, daemon: std::sync::mpsc::Sender<crate::daemon::Inp
     }
     let reply = match serde_json::from_str::<Request>(&line) {
         Ok(request) => {
-            let (tx, rx) = std::sync::mpsc::channel();
-            if daemon.send(crate::daemon::Input::Control { request, reply: tx }).is_err() {
-                Reply::Error { message: "the daemon is stopping".into() }
-            } else {
-                rx.recv().unwrap_or(Reply::Error { message: "the daemon stopped before answering".into() })
+            let role_change = matches!(request, Request::Primary { .. } | Request::Secondary);
+            let ask = move || {
+                let (tx, rx) = std::sync::mpsc::channel();
+                if daemon.send(crate::daemon::Input::Control { request, reply: tx }).is_err() {
+                    Reply::Error { message: "the daemon is stopping".into() }
+                } else {
+                    rx.recv().unwrap_or(Reply::Error { message: "the daemon stopped before answering".into() })
+                }
+            };
+            // Suspended here, off the node's thread: the suspend waits for the I/O in flight,
+            // which only the node's thread completes.
+            match wrap {
+                Some(wrap) if role_change => wrap.around(ask),
+                _ => ask(),
             }
         }
         Err(e) => Reply::Error { message: format!("bad request {line:?}: {e}") },

@@ -49,6 +49,10 @@ pub trait Edges {
     fn disconnect(&mut self, peer: NodeId, stand_alone: bool);
     fn reconnect(&mut self, peer: NodeId);
     fn device(&self) -> Option<String>;
+    /// The frontend device under the user-facing one (ublk or file, dm or not).
+    fn frontend(&self) -> Option<crate::control::FrontendView> {
+        None
+    }
     /// Attach mode: the attached device and its shipping.
     fn attach_view(&self) -> Option<crate::control::AttachView> {
         None
@@ -329,6 +333,7 @@ impl<E: Edges> Daemon<E> {
             verify: s.verify.map(verify_view),
             record: self.record.as_ref().map(|r| r.view()),
             attach: self.edges.attach_view(),
+            frontend: self.edges.frontend(),
         }
     }
 

@@ -5,6 +5,8 @@ mod attach;
 mod config;
 mod control;
 mod daemon;
+mod dm;
+mod kernel_frontend;
 mod kernel_record;
 mod report;
 mod runtime;
@@ -157,7 +159,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Command::Secondary => simple(&config, Request::Secondary),
                 Command::Invalidate => simple(&config, Request::Invalidate),
                 Command::Connect => simple(&config, Request::Connect),
-                Command::Down => simple(&config, Request::Down),
+                Command::Down => simple(&config, Request::Down).and_then(|()| wait_gone(&config)),
                 Command::SnapshotPoint { mountpoint, timeout, exec } => {
                     snapshot_point(&config, mountpoint, timeout, exec)
                 }
@@ -204,6 +206,20 @@ fn init_logging() {
     // `tandem up` sends the log to a file: no colour codes there.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+}
+
+/// `down` is answered once the node is down; the daemon then removes the device-mapper table
+/// and the frontend device, and its control socket last: wait for that, so that the device
+/// is gone when `tandem down` returns.
+fn wait_gone(config: &Config) -> Result<()> {
+    let start = std::time::Instant::now();
+    while config.control.exists() {
+        if start.elapsed() > std::time::Duration::from_secs(60) {
+            bail!("the daemon answered `down` but still runs after 60 s ({} exists)", config.control.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Ok(())
 }
 
 fn simple(config: &Config, request: Request) -> Result<()> {

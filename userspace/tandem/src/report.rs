@@ -12,6 +12,16 @@ pub fn render_status(s: &StatusView) -> String {
         s.device.as_deref().unwrap_or("-"),
         s.generation
     );
+    if let Some(f) = &s.frontend {
+        out += &format!("  frontend:{} {}", f.kind, f.device);
+        if let Some(dm) = &f.dm {
+            out += &format!(" under {dm}");
+        }
+        out += "\n";
+        for note in &f.notes {
+            out += &format!("    {note}\n");
+        }
+    }
     for p in &s.peers {
         out += &format!(
             "  peer-{} connection:{} role:{} disk:{}\n    out-of-sync: {} ({} tracks)",

@@ -3,6 +3,7 @@
 
 use crate::config::Config;
 use crate::daemon::{Daemon, Edges, HostOp, Input};
+use crate::kernel_frontend::{self, Plan, Selected, Serving};
 use crate::kernel_record::{self, Record, RecordChoice, RecordSpec};
 use anyhow::{Context, Result};
 use bytes::Bytes;
@@ -71,6 +72,9 @@ pub fn create_metadata(config: &Config, force: bool) -> Result<()> {
     Ok(())
 }
 
+/// The frontend's view for `status`, filled in once it is up, and whether it serves.
+type SharedFrontend = Arc<Mutex<Option<(crate::control::FrontendView, Arc<AtomicBool>)>>>;
+
 /// The edges of a running node.
 struct RealEdges {
     store: Arc<Store>,
@@ -79,6 +83,9 @@ struct RealEdges {
     flush_queued: Arc<AtomicBool>,
     /// Known once the frontend is up, which needs the daemon's loop running already.
     device: Arc<Mutex<Option<String>>>,
+    /// The frontend under the user-facing device, and whether it serves (ublk: false while a
+    /// re-attach waits for the node to be primary).
+    frontend: SharedFrontend,
     inbox: Sender<Input>,
 }
 
@@ -126,6 +133,19 @@ impl Edges for RealEdges {
 
     fn device(&self) -> Option<String> {
         self.device.lock().expect("device lock").clone()
+    }
+
+    fn frontend(&self) -> Option<crate::control::FrontendView> {
+        let guard = self.frontend.lock().expect("frontend lock");
+        let (view, live) = guard.as_ref()?;
+        let mut view = view.clone();
+        if !live.load(Ordering::Acquire) {
+            view.notes.push(
+                "re-attach pending: this node died as primary; the kernel holds the device's I/O until `tandem primary`"
+                    .into(),
+            );
+        }
+        Some(view)
     }
 }
 
@@ -230,6 +250,21 @@ pub fn run_daemon(config: Config) -> Result<()> {
         return crate::attach::run_daemon(config);
     }
     tracing::info!(config = %config.file.display(), volume = %config.volume, node = config.node, "starting");
+    let frontend = kernel_frontend::select(&config)?;
+    let plan = match frontend {
+        Selected::Ublk => {
+            let plan = kernel_frontend::plan(&config)?;
+            let recovering = match plan {
+                Plan::Recover { id } => Some(id),
+                Plan::Add => None,
+            };
+            // Before any thread starts: unshare(CLONE_NEWNS) refuses a threaded process.
+            tandem_frontend::private_mount_namespace(recovering)
+                .context("moving the ublk server into its own mount namespace")?;
+            Some(plan)
+        }
+        Selected::File { .. } => None,
+    };
     if config.peers.is_empty() {
         tracing::warn!("no [[peer]] configured: this volume is not replicated");
     }
@@ -240,6 +275,8 @@ pub fn run_daemon(config: Config) -> Result<()> {
     let (mut meta_file, mut meta) =
         MetaFile::open(&config.meta).context("opening the metadata (run `tandem create-md` first?)")?;
     meta_file.expect(u128::from(config.volume_id), config.node, &config.geometry)?;
+    // It comes back secondary (the core demotes a crashed node): see `kernel_frontend`.
+    let died_primary = !meta.clean && meta.role == tandem_core::Role::Primary;
     recover_kernel_record(&config, &mut meta_file, &mut meta)?;
     let generation = meta.generations.current;
     let (inbox, rx) = channel();
@@ -267,7 +304,9 @@ pub fn run_daemon(config: Config) -> Result<()> {
 
     let primary = Arc::new(AtomicBool::new(false));
     let device = Arc::new(Mutex::new(None));
+    let frontend_view = Arc::new(Mutex::new(None));
     let edges = RealEdges {
+        frontend: frontend_view.clone(),
         store: store.clone(),
         net: Arc::new(net),
         flush_queued: Arc::new(AtomicBool::new(false)),
@@ -275,6 +314,7 @@ pub fn run_daemon(config: Config) -> Result<()> {
         inbox: inbox.clone(),
     };
     let daemon = Daemon::new(config.clone(), meta, edges, rx, primary.clone())?;
+    let is_primary = primary.clone();
     // The loop must run before the device exists: attaching it flushes the file, which
     // the frontend answers through the node.
     let node_thread = std::thread::Builder::new().name("node".into()).spawn(move || daemon.run())?;
@@ -286,15 +326,37 @@ pub fn run_daemon(config: Config) -> Result<()> {
         size: config.geometry.volume_size(),
         block_size: config.geometry.block_size(),
     });
-    std::fs::create_dir_all(&config.mountpoint)
-        .with_context(|| format!("creating the mount point {}", config.mountpoint.display()))?;
-    let mut mounted = tandem_frontend::mount(backend, &config.mountpoint)?;
-    let options = LoopOptions { direct_io: true, block_size: Some(config.geometry.block_size()), read_only: false };
-    let mut loop_device = tandem_frontend::attach_loop_with(mounted.file(), &options)?;
-    let device_path = loop_device.path().display().to_string();
+    let mut notes = Vec::new();
+    let (exposed, live) = match plan {
+        Some(plan) => {
+            let serving = Serving::start(&config, backend, plan, is_primary, died_primary)?;
+            let live = serving.live.clone();
+            if let Plan::Recover { id } = plan {
+                notes.push(format!("took over /dev/ublkb{id}, left quiesced by the previous daemon (user recovery)"));
+            }
+            (Exposed::Ublk(serving), live)
+        }
+        None => {
+            if let Selected::File { reason: Some(reason) } = &frontend {
+                tracing::info!(%reason, "using the file frontend (FUSE + loop)");
+                notes.push(reason.clone());
+            }
+            std::fs::create_dir_all(&config.mountpoint)
+                .with_context(|| format!("creating the mount point {}", config.mountpoint.display()))?;
+            let mounted = tandem_frontend::mount(backend, &config.mountpoint)?;
+            let options =
+                LoopOptions { direct_io: true, block_size: Some(config.geometry.block_size()), read_only: false };
+            let loop_device = tandem_frontend::attach_loop_with(mounted.file(), &options)?;
+            (Exposed::File { mounted, loop_device }, Arc::new(AtomicBool::new(true)))
+        }
+    };
+    let frontend_device = exposed.device();
+    let device_path = frontend_device.display().to_string();
+    // The record watches the frontend device: bios remapped by the dm table above reach it
+    // too. A ublk device outlives a killed daemon, so a restart records the same dev_t.
     let spec = RecordSpec {
         pin: config.record_pin.clone(),
-        device: loop_device.path().to_owned(),
+        device: frontend_device.clone(),
         geometry: config.geometry,
         generation,
     };
@@ -313,16 +375,77 @@ pub fn run_daemon(config: Config) -> Result<()> {
             tracing::warn!(%reason, "BPF write recording unavailable: the in-process bitmaps are the only record")
         }
     }
+    // The user-facing device: a dm linear table over the frontend's, where there is dm.
+    let linear = match crate::dm::unavailable() {
+        None => match crate::dm::Linear::create(&config.dm_name, &frontend_device) {
+            Ok(linear) => Some(linear),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create the device-mapper table: exposing the frontend device directly");
+                notes.push(format!("no device-mapper table: {e}"));
+                None
+            }
+        },
+        Some(why) => {
+            tracing::warn!(%why, "no device-mapper here: exposing the frontend device directly");
+            notes.push(format!("no device-mapper table: {why}"));
+            None
+        }
+    };
+    let user_device = linear.as_ref().map_or_else(|| device_path.clone(), |l| l.path().display().to_string());
+    *frontend_view.lock().expect("frontend lock") = Some((
+        crate::control::FrontendView {
+            kind: exposed.kind().into(),
+            device: device_path.clone(),
+            dm: linear.as_ref().map(|l| l.path().display().to_string()),
+            notes,
+        },
+        live.clone(),
+    ));
     // Ahead of every control request: `tandem status` shows the record from the start.
     let _ = inbox.send(Input::Record(record));
-    *device.lock().expect("device lock") = Some(device_path.clone());
-    tracing::info!(volume = %config.volume, device = %device_path, "volume exposed");
-    crate::control::serve(&config.control, inbox)?;
+    *device.lock().expect("device lock") = Some(user_device.clone());
+    tracing::info!(volume = %config.volume, device = %user_device, frontend = %device_path, "volume exposed");
+    let wrap = linear.clone().map(|linear| Arc::new(kernel_frontend::RoleWrap { linear, live }));
+    crate::control::serve_with(&config.control, inbox, wrap)?;
 
     let result = node_thread.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the node's thread panicked")));
-    // The loop device holds the FUSE file open: it goes first.
-    let _ = loop_device.detach();
-    let _ = mounted.unmount();
+    // The table holds the frontend device open: it goes first.
+    if let Some(linear) = &linear {
+        match linear.remove() {
+            Ok(()) => tracing::info!(device = %linear.path().display(), "removed the device-mapper table"),
+            Err(e) => tracing::warn!(error = %e, "cannot remove the device-mapper table (still in use?)"),
+        }
+    }
+    match exposed {
+        Exposed::Ublk(serving) => serving.stop(&config),
+        Exposed::File { mut mounted, mut loop_device } => {
+            // The loop device holds the FUSE file open: it goes first.
+            let _ = loop_device.detach();
+            let _ = mounted.unmount();
+        }
+    }
     let _ = std::fs::remove_file(&config.control);
     result
+}
+
+/// The frontend serving the volume.
+enum Exposed {
+    Ublk(Serving),
+    File { mounted: tandem_frontend::Mounted, loop_device: tandem_frontend::LoopDevice },
+}
+
+impl Exposed {
+    fn device(&self) -> std::path::PathBuf {
+        match self {
+            Exposed::Ublk(serving) => serving.device.block_device.clone(),
+            Exposed::File { loop_device, .. } => loop_device.path().to_owned(),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Exposed::Ublk(_) => "ublk",
+            Exposed::File { .. } => "file",
+        }
+    }
 }

@@ -39,7 +39,7 @@ pub struct VmTestArgs {
     #[arg(long)]
     pub command: Option<String>,
     /// The guest scenarios to run in one boot, in order (scripts in xtask/src/vm/scenarios)
-    #[arg(long, default_value = "smoke,ublk,lvm")]
+    #[arg(long, default_value = "smoke,ublk,lvm,kernel")]
     pub scenario: String,
     /// Kill the guest after this many seconds (two boots, if the first crashes, must fit in CI's
     /// 20 minutes; a passing run takes 1-2 minutes)

@@ -1,8 +1,9 @@
 # Guest scenario `smoke` (cargo xtask vm-test): proves the harness on the real kernel path.
 # Loads ublk_drv and dm_mod, puts a device-mapper linear table over a loop device and checks
-# the bytes through it, then runs two tandem nodes over loopback with the file frontend, puts
-# `tandem-vol0` (dm linear) over the primary's device, ext4 on that, writes files and checks
-# them after a remount and with `tandem verify` against the secondary.
+# the bytes through it, then runs two tandem nodes over loopback with the file frontend (each
+# daemon puts its dm linear table, `tandem-vol0` and `tandem-vol0-n1`, over its loop device),
+# ext4 on the primary's, writes files and checks them after a remount and with `tandem verify`
+# against the secondary; `tandem down` removes the tables.
 # Run by `sh -eu` with TANDEM set to the host-built binary; no udev here (DM_DISABLE_UDEV=1).
 : "${TANDEM:?TANDEM must name the tandem binary}"
 W=/tmp/tandem-smoke
@@ -70,6 +71,7 @@ listen = "127.0.0.1:779$id"
 control = "$W/node$id.sock"
 mountpoint = "$W/fuse$id"
 frontend = "file"
+dm_name = "$(if [ "$id" = 0 ]; then echo tandem-vol0; else echo tandem-vol0-n1; fi)"
 # Both nodes run in this one guest: each needs its own pinned eBPF record.
 record_pin = "vol0-node$id"
 
@@ -83,12 +85,14 @@ tandem 0 up --log "$W/node0.log"
 tandem 1 up --log "$W/node1.log"
 tandem 0 primary
 timeout 120 "$TANDEM" -c "$W/node0.toml" status --watch
-device=$(tandem 0 status --json | sed -n 's/^ *"device": *"\([^"]*\)".*/\1/p')
+# The user-facing device comes first; the frontend's own follows under "frontend".
+device=$(tandem 0 status --json | sed -n 's/^ *"device": *"\([^"]*\)".*/\1/p' | head -n 1)
 test -b "$device"
 echo "primary's device: $device"
+tandem 0 status
 
-step "dmsetup create tandem-vol0 linear over $device"
-dmsetup create tandem-vol0 --table "0 $(blockdev --getsz "$device") linear $device 0"
+step "the daemon's dm linear table tandem-vol0 over its loop device"
+test "$device" = /dev/mapper/tandem-vol0
 dmsetup table tandem-vol0
 mkfs.ext4 -q /dev/mapper/tandem-vol0
 mount /dev/mapper/tandem-vol0 mnt
@@ -101,7 +105,6 @@ umount mnt
 mount /dev/mapper/tandem-vol0 mnt
 (cd mnt && sha256sum -c ../sums)
 umount mnt
-dmsetup remove tandem-vol0
 
 step "verify: the secondary's replica is identical"
 timeout 300 "$TANDEM" -c "$W/node0.toml" verify
@@ -111,4 +114,9 @@ step "down"
 tandem 0 secondary
 tandem 0 down
 tandem 1 down
+if dmsetup info tandem-vol0 > /dev/null 2>&1 || dmsetup info tandem-vol0-n1 > /dev/null 2>&1; then
+    echo "tandem down left a device-mapper table behind"
+    dmsetup ls
+    exit 1
+fi
 echo "== smoke: PASSED"
