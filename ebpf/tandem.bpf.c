@@ -43,22 +43,38 @@ static __always_inline int op_changes_data(__u32 op)
 }
 
 /*
- * A bio's address as a plain number: the verifier allows no arithmetic on a BTF pointer (the
- * inflight table hashes the id), so copy it through memory it does not track.
+ * A bio's address as a plain number (the inflight table hashes it). The verifier allows no
+ * arithmetic on a BTF pointer but the difference of two pointers, which it makes a scalar (for
+ * programs that may read kernel pointers, as tracing programs may): the bio's distance from a
+ * global of ours, plus that global's address, which the first run reads once (a helper call
+ * per bio was a measurable part of the programs' cost).
  */
+static __u64 anchor_addr;
+
 static __always_inline __u64 bio_id(struct bio *bio)
 {
-	__u64 id = 0;
+	__u64 base = anchor_addr, id;
 
-	bpf_probe_read_kernel(&id, sizeof(id), &bio);
-	return id;
+	if (!base) {
+		void *anchor = &anchor_addr;
+
+		bpf_probe_read_kernel(&base, sizeof(base), &anchor);
+		anchor_addr = base;
+	}
+	id = (__u64)((long)bio - (long)&anchor_addr);
+	/* keep clang from folding the sum into pointer + scalar, which the verifier refuses */
+	asm volatile("" : "+r"(id));
+	return id + base;
 }
 
+/* Cheapest test first: most bios on a machine belong to other devices. */
 static __always_inline void queue_bio(struct bio *bio)
 {
-	if (!op_changes_data(bio->bi_opf))
+	__u32 dev = bio->bi_bdev->bd_dev;
+
+	if (!tandem_watched(dev) || !op_changes_data(bio->bi_opf))
 		return;
-	tandem_queue(bio->bi_bdev->bd_dev, bio->bi_iter.bi_sector, bio->bi_iter.bi_size, bio_id(bio), 1);
+	tandem_queue(dev, bio->bi_iter.bi_sector, bio->bi_iter.bi_size, bio_id(bio), 1);
 }
 
 SEC("tp_btf/block_bio_queue")
@@ -106,10 +122,10 @@ int BPF_PROG(tandem_rq_complete_btf, struct request *rq, blk_status_t error, uns
 	struct rq_walk w = {};
 	__u32 dev, size;
 
-	if (!bio || !op_changes_data(rq->cmd_flags))
+	if (!bio)
 		return 0;
 	dev = bio->bi_bdev->bd_dev;
-	if (!bpf_map_lookup_elem(&devices, &dev))
+	if (!tandem_watched(dev) || !op_changes_data(rq->cmd_flags))
 		return 0;
 	/* the first bio inline: most requests have one */
 	size = bio->bi_iter.bi_size;
@@ -128,7 +144,17 @@ int BPF_PROG(tandem_rq_complete_btf, struct request *rq, blk_status_t error, uns
 SEC("tp_btf/block_bio_complete")
 int BPF_PROG(tandem_bio_complete_btf, struct request_queue *q, struct bio *bio)
 {
-	tandem_complete(bio_id(bio));
+	/*
+	 * No device filter: a bio-based driver may have remapped the bio in place to another
+	 * device (md's bio_set_dev) before it completes. Plain reads first, so that the bios of
+	 * devices we do not watch take no cache line away from the slots in use.
+	 */
+	struct tandem_bio *slot, done;
+	__u64 id = bio_id(bio);
+
+	slot = tandem_find(id);
+	if (slot && tandem_release(slot, id, &done))
+		tandem_account(&done, TANDEM_COMPLETED);
 	return 0;
 }
 
@@ -158,8 +184,8 @@ static long reap_step(__u64 index, void *arg)
 	if (!slot)
 		return 1;
 	seen = *slot;
-	if (!seen.key)
-		return 0;
+	if (!seen.key || seen.key == TANDEM_KEY_FILLING)
+		return 0; /* free, or being claimed: its fields are not its bio's yet */
 	bio = (struct bio *)(unsigned long)seen.key;
 	sector = BPF_CORE_READ(bio, bi_iter.bi_sector);
 	size = BPF_CORE_READ(bio, bi_iter.bi_size);

@@ -9,7 +9,8 @@
  * /sys/fs/bpf/tandem/<volume>/:
  *
  *   params    ARRAY[1] of struct tandem_params     geometry of the volume (read by the programs)
- *   devices   HASH dev -> __u32 slot               the watched device(s), kernel dev_t encoding
+ *   devices   HASH dev -> __u32 slot               the watched device(s), kernel dev_t encoding (for
+ *             userspace: the programs test the same devices in their constants, tandem_consts)
  *   bitmap    ARRAY of __u64, BPF_F_MMAPABLE       per range, two sides of tracks_per_range bits
  *   ranges    ARRAY of struct tandem_range, BPF_F_MMAPABLE   per-range toggle state + counters
  *   counters  ARRAY of __u64, BPF_F_MMAPABLE    per CPU, per range, per side: write bios queued and
@@ -45,6 +46,9 @@
 /* tandem_params.flavor: which programs record the writes */
 #define TANDEM_FLAVOR_TP_BTF 1u  /* tp_btf/block_bio_queue + tp_btf/block_bio_complete */
 #define TANDEM_FLAVOR_CLASSIC 2u /* tracepoint/block/block_bio_queue + .../block_bio_complete */
+
+/* tandem_bio.key of a slot being claimed: its fields still describe its previous bio */
+#define TANDEM_KEY_FILLING 0xffffffffffffffffu
 
 /* tandem_bio.side: a bio spanning several ranges is counted on both sides of each */
 #define TANDEM_SIDE_BOTH 2u
@@ -83,11 +87,14 @@ struct tandem_range {
 
 /*
  * One slot of the inflight table. key 0: free. A queue program claims a free slot among
- * TANDEM_INFLIGHT_PROBES from the key's home slot with cmpxchg(key, 0, id), then fills it; the
- * completion finds it by key, copies it and releases it with cmpxchg(key, id, 0) — whoever
- * wins that cmpxchg releases the counts. tp_btf: id is the bio's address. classic: id is
+ * TANDEM_INFLIGHT_PROBES from the key's home slot with cmpxchg(key, 0, TANDEM_KEY_FILLING),
+ * fills it, then publishes it with cmpxchg(key, TANDEM_KEY_FILLING, id); the completion finds
+ * it by key, copies it and releases it with cmpxchg(key, id, 0) — whoever wins that cmpxchg
+ * releases the counts. tp_btf: id is the bio's address. classic: id is
  * (end sector + 1) + (dev << 44), the only identity the classic events share.
- * Home slot: (id * 0x9e3779b97f4a7c15) >> (64 - TANDEM_INFLIGHT_BITS).
+ * Home slot h: (id * 0x9e3779b97f4a7c15) >> (64 - TANDEM_INFLIGHT_BITS); probe k (0..7) is slot
+ * (h & ~3) + (k / 2) * 4 + (k % 2) * 3: only slots 4n and 4n + 3, which lie within one cache
+ * line each (the array is page-aligned).
  */
 struct tandem_bio {
 	__u64 key;
@@ -95,23 +102,48 @@ struct tandem_bio {
 	__u32 last_range;
 	__u32 side;        /* side it was counted and marked on (0 or 1), or TANDEM_SIDE_BOTH */
 	__u32 dev;         /* device it was queued on */
-	__u64 queued_ns;   /* bpf_ktime_get_ns() at queue time (CLOCK_MONOTONIC) */
+	__u64 queued_ns;   /* CLOCK_MONOTONIC at queue time, to a tick (read once per jiffy) */
 	__u64 sector;      /* first sector of the bio (the classic completion walk uses it) */
 	__u32 bytes;       /* its size */
 	__u32 pad;
 };
 
 /*
- * Classic flavour only (its .rodata): offsets of the rwbs string in the classic tracepoints'
- * records, which moved between kernels (block_rq_complete gained ioprio in 6.x). The loader
- * reads them from /sys/kernel/tracing/events/block/<event>/format. dev, sector and nr_sector
- * (new_sector for block_split) are at offsets 8, 16 and 24 in all four events (checked too).
+ * Classic flavour only: offsets of the rwbs string in the classic tracepoints' records, which
+ * moved between kernels (block_rq_complete gained ioprio in 6.x). The loader reads them from
+ * /sys/kernel/tracing/events/block/<event>/format. dev, sector and nr_sector (new_sector for
+ * block_split) are at offsets 8, 16 and 24 in all four events (checked too).
  */
 struct tandem_tp_layout {
 	__u32 bio_queue_rwbs;
 	__u32 split_rwbs;
 	__u32 rq_complete_rwbs;
 	__u32 bio_complete_rwbs;
+};
+
+/* tandem_consts.range_shift when tracks_per_range is not a power of two */
+#define TANDEM_NO_SHIFT 0xffu
+
+/*
+ * Not a map of the pinned layout: each object's .rodata (`const volatile struct tandem_consts
+ * consts`), which the loader fills from the volume's geometry before loading. libbpf freezes
+ * .rodata, so the verifier reads these as constants: the device filter becomes two compares
+ * with immediates (no `devices` lookup for the bios of every other device), the geometry needs
+ * no `params` lookup, and the branches they decide (power-of-two range, a second device) are
+ * removed at load. `params` and `devices` keep the same values for userspace and bpftool.
+ */
+struct tandem_consts {
+	__u64 start_sector;     /* = params.start_sector */
+	__u64 nr_sectors;       /* = params.nr_sectors */
+	__u64 tracks;           /* = params.tracks */
+	__u32 devs[2];          /* the watched devices (the keys of `devices`); 0: none */
+	__u32 track_shift;      /* = params.track_shift */
+	__u32 tracks_per_range; /* = params.tracks_per_range */
+	__u32 range_shift;      /* log2(tracks_per_range) if a power of two, else TANDEM_NO_SHIFT */
+	__u32 words_per_range;  /* = params.words_per_range */
+	__u32 cpus;             /* = params.cpus */
+	__u32 counters_per_cpu; /* = params.counters_per_cpu */
+	struct tandem_tp_layout tp; /* classic flavour only; zero in the tp_btf object */
 };
 
 #endif /* TANDEM_H */

@@ -18,14 +18,6 @@
 
 #define TANDEM_MAX_RQ_BIOS 4096u
 
-/* rwbs offsets, set by the loader from the format files; defaults: Linux 6.18. */
-const volatile struct tandem_tp_layout tp_layout = {
-	.bio_queue_rwbs = 28,
-	.split_rwbs = 32,
-	.rq_complete_rwbs = 34,
-	.bio_complete_rwbs = 32,
-};
-
 /* The fields every one of the four events has at these offsets. */
 struct tandem_tp_head {
 	__u64 common;    /* common_type, common_flags, common_preempt_count, common_pid */
@@ -59,7 +51,7 @@ int tandem_queue_tp(struct tandem_tp_head *ctx)
 	__u64 sector = ctx->sector;
 	__u32 nr = (__u32)ctx->third, dev = ctx->dev;
 
-	if (!rwbs_changes_data(ctx, tp_layout.bio_queue_rwbs))
+	if (!tandem_watched(dev) || !rwbs_changes_data(ctx, consts.tp.bio_queue_rwbs))
 		return 0;
 	tandem_queue(dev, sector, (__u64)nr << 9, classic_id(dev, sector + nr), 0);
 	return 0;
@@ -72,7 +64,7 @@ int tandem_split_tp(struct tandem_tp_head *ctx)
 	__u64 sector = ctx->sector, end = ctx->third;
 	__u32 dev = ctx->dev;
 
-	if (end <= sector || !rwbs_changes_data(ctx, tp_layout.split_rwbs))
+	if (!tandem_watched(dev) || end <= sector || !rwbs_changes_data(ctx, consts.tp.split_rwbs))
 		return 0;
 	tandem_queue(dev, sector, (end - sector) << 9, classic_id(dev, end), 0);
 	return 0;
@@ -107,7 +99,7 @@ static __always_inline void complete_span(__u32 dev, __u64 sector, __u32 nr)
 {
 	struct back_walk w = {};
 
-	if (nr == 0 || !bpf_map_lookup_elem(&devices, &dev))
+	if (nr == 0 || !tandem_watched(dev))
 		return;
 	w.end = sector + nr;
 	w.start = sector;
@@ -118,7 +110,7 @@ static __always_inline void complete_span(__u32 dev, __u64 sector, __u32 nr)
 SEC("tracepoint/block/block_rq_complete")
 int tandem_rq_complete_tp(struct tandem_tp_head *ctx)
 {
-	if (!rwbs_changes_data(ctx, tp_layout.rq_complete_rwbs))
+	if (!tandem_watched(ctx->dev) || !rwbs_changes_data(ctx, consts.tp.rq_complete_rwbs))
 		return 0;
 	complete_span(ctx->dev, ctx->sector, (__u32)ctx->third);
 	return 0;
@@ -127,7 +119,7 @@ int tandem_rq_complete_tp(struct tandem_tp_head *ctx)
 SEC("tracepoint/block/block_bio_complete")
 int tandem_bio_complete_tp(struct tandem_tp_head *ctx)
 {
-	if (!rwbs_changes_data(ctx, tp_layout.bio_complete_rwbs))
+	if (!tandem_watched(ctx->dev) || !rwbs_changes_data(ctx, consts.tp.bio_complete_rwbs))
 		return 0;
 	complete_span(ctx->dev, ctx->sector, (__u32)ctx->third);
 	return 0;

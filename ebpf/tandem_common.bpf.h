@@ -6,7 +6,7 @@
  *
  * The toggle protocol across the kernel boundary (the destage toggle of seed 003, Fig. 5):
  *   - a queued write bio reads its range's `current` side, counts itself queued on that side,
- *     remembers the side in the `inflight` hash and sets its tracks' bits on that side; its
+ *     remembers the side in the `inflight` table and sets its tracks' bits on that side; its
  *     completion (of its request, or of the bio on bio-based drivers) releases the count. A bio
  *     the block layer splits counts its split-off part as one more write, on the side current
  *     at the split (and marks its tracks there again), so the remainder's completion cannot
@@ -44,6 +44,19 @@ struct {
 	__type(value, struct tandem_params);
 } params SEC(".maps");
 
+/* Filled by the loader before loading (see struct tandem_consts): constants to the verifier. */
+const volatile struct tandem_consts consts = {
+	.range_shift = TANDEM_NO_SHIFT,
+	/* rwbs offsets on Linux 6.18 (classic flavour; the loader reads the running kernel's) */
+	.tp = {
+		.bio_queue_rwbs = 28,
+		.split_rwbs = 32,
+		.rq_complete_rwbs = 34,
+		.bio_complete_rwbs = 32,
+	},
+};
+
+/* The watched devices, for userspace and bpftool: the programs test consts.devs, the same set. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, TANDEM_MAX_DEVICES);
@@ -86,21 +99,61 @@ struct {
 	__type(value, struct tandem_bio);
 } inflight SEC(".maps");
 
+/*
+ * The clock, read once per scheduler tick: bpf_ktime_get_ns() reads the clock source with an
+ * ordered rdtsc, which waits for the program's outstanding cache misses; per bio it was about a
+ * third of the queue program's cost (bpf_ktime_get_coarse_ns is not allowed in tracing
+ * programs). bpf_jiffies64() is a plain load. Two programs refreshing it at once can pair a
+ * jiffies value with the clock read for the previous one: a time a tick older, which only
+ * makes an age look a tick longer.
+ */
+struct tandem_clock {
+	__u64 jiffies;
+	__u64 ns;
+};
+
+static struct tandem_clock clock_cache;
+
+/* CLOCK_MONOTONIC nanoseconds, at most a tick or two behind (never ahead). */
+static __always_inline __u64 tandem_now(void)
+{
+	__u64 j = bpf_jiffies64();
+
+	if (*(volatile __u64 *)&clock_cache.jiffies != j) {
+		clock_cache.ns = bpf_ktime_get_ns();
+		*(volatile __u64 *)&clock_cache.jiffies = j;
+		return clock_cache.ns;
+	}
+	return *(volatile __u64 *)&clock_cache.ns;
+}
+
+/* A device this instance records. */
+static __always_inline int tandem_watched(__u32 dev)
+{
+	return dev == consts.devs[0] || (consts.devs[1] != 0 && dev == consts.devs[1]);
+}
+
+/* The range of a track: a shift for the usual power-of-two ranges (the verifier removes the
+ * branch not taken), a 64-bit division otherwise. */
+static __always_inline __u64 tandem_range_of(__u64 track)
+{
+	if (consts.range_shift != TANDEM_NO_SHIFT)
+		return track >> (consts.range_shift & 63);
+	return track / consts.tracks_per_range;
+}
+
 struct mark_ctx {
 	__u64 track; /* next track to mark */
 	__u64 last;  /* last track to mark, inclusive */
-	__u64 tpr;   /* tracks per range */
-	__u32 wpr;   /* words per side of a range */
 	__u32 side;  /* 0 or 1, TANDEM_SIDE_BOTH or TANDEM_MARK_CURRENT */
 	__u32 counted_range;
-	__u32 pad;
 };
 
 /* Sets bits; returns 1 if some were not set yet. No atomic when they all are (the common case
  * of a hot track, and no cache line written). */
-static __always_inline int tandem_set_bits(__u64 range, __u32 side, __u32 wpr, __u64 word, __u64 mask)
+static __always_inline int tandem_set_bits(__u64 range, __u32 side, __u64 word, __u64 mask)
 {
-	__u32 idx = (__u32)((range * 2 + side) * wpr + word);
+	__u32 idx = (__u32)((range * 2 + side) * consts.words_per_range + word);
 	__u64 *w = bpf_map_lookup_elem(&bitmap, &idx);
 
 	if (!w || (*(volatile __u64 *)w & mask) == mask)
@@ -108,11 +161,11 @@ static __always_inline int tandem_set_bits(__u64 range, __u32 side, __u32 wpr, _
 	return (__sync_fetch_and_or(w, mask) & mask) != mask;
 }
 
-/* Marks the run of tracks from c->track to the end of its bitmap word (or range, or span). */
-static long tandem_mark_step(__u64 index, void *arg)
+/* Marks the run of tracks from c->track to the end of its bitmap word (or range, or span).
+ * Returns 1 when done (or on a bad map index), 0 when tracks are left. */
+static __always_inline long tandem_mark_word(struct mark_ctx *c)
 {
-	struct mark_ctx *c = arg;
-	__u64 t = c->track, tpr = c->tpr;
+	__u64 t = c->track, tpr = consts.tracks_per_range;
 	__u64 r, i, bit, end, rend, n, mask;
 	struct tandem_range *rs;
 	__u32 rk, side;
@@ -120,7 +173,7 @@ static long tandem_mark_step(__u64 index, void *arg)
 
 	if (t > c->last || tpr == 0)
 		return 1;
-	r = t / tpr;
+	r = tandem_range_of(t);
 	i = t - r * tpr;
 	bit = i & 63;
 	end = t + (63 - bit);
@@ -142,8 +195,8 @@ static long tandem_mark_step(__u64 index, void *arg)
 		side = *(volatile __u32 *)&rs->current & 1;
 	/* marked[]: once per bio and range, and only when it set new bits */
 	if (side == TANDEM_SIDE_BOTH) {
-		fresh = tandem_set_bits(r, 0, c->wpr, i >> 6, mask);
-		fresh |= tandem_set_bits(r, 1, c->wpr, i >> 6, mask);
+		fresh = tandem_set_bits(r, 0, i >> 6, mask);
+		fresh |= tandem_set_bits(r, 1, i >> 6, mask);
 		if (fresh && rk != c->counted_range) {
 			c->counted_range = rk;
 			__sync_fetch_and_add(&rs->marked[0], 1);
@@ -151,7 +204,7 @@ static long tandem_mark_step(__u64 index, void *arg)
 		}
 	} else {
 		side &= 1;
-		fresh = tandem_set_bits(r, side, c->wpr, i >> 6, mask);
+		fresh = tandem_set_bits(r, side, i >> 6, mask);
 		if (fresh && rk != c->counted_range) {
 			c->counted_range = rk;
 			__sync_fetch_and_add(&rs->marked[side], 1);
@@ -161,19 +214,21 @@ static long tandem_mark_step(__u64 index, void *arg)
 	return 0;
 }
 
+/* bpf_loop callback: the words after the first of a bio spanning several. */
+static long tandem_mark_step(__u64 index, void *arg)
+{
+	return tandem_mark_word(arg);
+}
+
 /* Counts a bio of `range` on `k` (TANDEM_QUEUED or TANDEM_COMPLETED, plus the side) of this CPU. */
 static __always_inline void tandem_bump(__u32 range, __u32 k)
 {
-	struct tandem_params *p;
-	__u32 zero = 0, cpu = bpf_get_smp_processor_id(), idx;
+	__u32 cpu = bpf_get_smp_processor_id(), idx;
 	__u64 *c;
 
-	p = bpf_map_lookup_elem(&params, &zero);
-	if (!p)
-		return;
-	if (cpu >= p->cpus)
+	if (cpu >= consts.cpus)
 		cpu = 0;
-	idx = cpu * p->counters_per_cpu + range * 4 + k;
+	idx = cpu * consts.counters_per_cpu + range * 4 + k;
 	c = bpf_map_lookup_elem(&counters, &idx);
 	if (c)
 		__sync_fetch_and_add(c, 1);
@@ -226,13 +281,50 @@ static __always_inline __u32 tandem_home_slot(__u64 id)
 	return (__u32)((id * 0x9e3779b97f4a7c15ULL) >> (64 - TANDEM_INFLIGHT_BITS));
 }
 
-/* Releases the slot holding `id` if this caller wins it; returns the slot's content then. */
+/*
+ * The k-th slot an id may take: only slots 4n and 4n + 3, the two of every four 48-byte slots
+ * that lie within one cache line each (the inflight array is page-aligned: BPF_F_MMAPABLE).
+ * A slot's line moves between the CPU that queues a bio and the one that completes it; a slot
+ * across two lines would move both.
+ */
+static __always_inline __u32 tandem_probe_slot(__u32 home, __u32 k)
+{
+	return ((home & ~3u) + (k >> 1) * 4 + (k & 1) * 3) & (TANDEM_INFLIGHT_SLOTS - 1);
+}
+
+/*
+ * Releases the slot holding `id` if this caller wins it; copies what the counts need into
+ * `out` first (a released slot can be claimed and overwritten at once).
+ *
+ * The first compare-and-swap changes nothing: it fetches the slot's line for writing, with
+ * the key, in one transfer from the CPU that queued the bio (a plain read would fetch it
+ * shared, and the release would then need a second transfer to own it).
+ */
 static __always_inline int tandem_release(struct tandem_bio *slot, __u64 id, struct tandem_bio *out)
 {
-	*out = *slot;
-	if (out->key != id)
+	if (__sync_val_compare_and_swap(&slot->key, id, id) != id)
 		return 0;
+	out->key = id;
+	out->first_range = slot->first_range;
+	out->last_range = slot->last_range;
+	out->side = slot->side;
+	out->sector = slot->sector;
 	return __sync_val_compare_and_swap(&slot->key, id, 0) == id;
+}
+
+/* Fills a claimed slot (key TANDEM_KEY_FILLING), then publishes it under rec->key: nobody
+ * (reaper, userspace) judges a slot by the fields of its previous bio. The publication fails
+ * only if userspace took the slot meanwhile. */
+static __always_inline int tandem_fill(struct tandem_bio *slot, const struct tandem_bio *rec)
+{
+	slot->first_range = rec->first_range;
+	slot->last_range = rec->last_range;
+	slot->side = rec->side;
+	slot->dev = rec->dev;
+	slot->queued_ns = rec->queued_ns;
+	slot->sector = rec->sector;
+	slot->bytes = rec->bytes;
+	return __sync_val_compare_and_swap(&slot->key, TANDEM_KEY_FILLING, rec->key) == TANDEM_KEY_FILLING ? 0 : -1;
 }
 
 /*
@@ -240,40 +332,41 @@ static __always_inline int tandem_release(struct tandem_bio *slot, __u64 id, str
  * still in flight (tp_btf: the bio's address), so a slot already holding it is stale (its
  * completion was missed) and is released first. Otherwise (classic) a slot holding it is
  * another write in flight: returns -1 and the caller records this one as untracked.
+ *
+ * Straight compare-and-swap, no read first: the home slot is almost always free, and its line
+ * was last written by the CPU that completed the slot's previous bio, so a read would fetch it
+ * shared and the swap fetch it again to own it.
  */
 static __always_inline int tandem_claim(struct tandem_bio *rec, int unique_key)
 {
 	__u32 home = tandem_home_slot(rec->key), idx, i;
-	struct tandem_bio *slot, stale;
+	struct tandem_bio *slot, *same = 0, stale;
+	__u64 seen;
 
 #pragma unroll
 	for (i = 0; i < TANDEM_INFLIGHT_PROBES; i++) {
-		idx = (home + i) & (TANDEM_INFLIGHT_SLOTS - 1);
+		idx = tandem_probe_slot(home, i);
 		slot = bpf_map_lookup_elem(&inflight, &idx);
 		if (!slot)
 			return -1;
-		if (*(volatile __u64 *)&slot->key == rec->key) {
-			if (!unique_key)
-				return -1;
-			if (tandem_release(slot, rec->key, &stale))
-				tandem_account(&stale, TANDEM_COMPLETED);
-		}
-		if (*(volatile __u64 *)&slot->key == 0 &&
-		    __sync_val_compare_and_swap(&slot->key, 0, rec->key) == 0) {
-			slot->first_range = rec->first_range;
-			slot->last_range = rec->last_range;
-			slot->side = rec->side;
-			slot->dev = rec->dev;
-			slot->queued_ns = rec->queued_ns;
-			slot->sector = rec->sector;
-			slot->bytes = rec->bytes;
-			return 0;
+		seen = __sync_val_compare_and_swap(&slot->key, 0, TANDEM_KEY_FILLING);
+		if (seen == 0)
+			return tandem_fill(slot, rec);
+		if (seen == rec->key) {
+			same = slot;
+			break;
 		}
 	}
-	return -1;
+	if (!same || !unique_key)
+		return -1;
+	if (tandem_release(same, rec->key, &stale))
+		tandem_account(&stale, TANDEM_COMPLETED);
+	if (__sync_val_compare_and_swap(&same->key, 0, TANDEM_KEY_FILLING) != 0)
+		return -1;
+	return tandem_fill(same, rec);
 }
 
-/* The slot holding `id`, if any. */
+/* The slot holding `id`, if any, found with plain reads (no line taken from its owner). */
 static __always_inline struct tandem_bio *tandem_find(__u64 id)
 {
 	__u32 home = tandem_home_slot(id), idx, i;
@@ -281,7 +374,7 @@ static __always_inline struct tandem_bio *tandem_find(__u64 id)
 
 #pragma unroll
 	for (i = 0; i < TANDEM_INFLIGHT_PROBES; i++) {
-		idx = (home + i) & (TANDEM_INFLIGHT_SLOTS - 1);
+		idx = tandem_probe_slot(home, i);
 		slot = bpf_map_lookup_elem(&inflight, &idx);
 		if (slot && *(volatile __u64 *)&slot->key == id)
 			return slot;
@@ -290,27 +383,19 @@ static __always_inline struct tandem_bio *tandem_find(__u64 id)
 }
 
 /*
- * A write bio of `bytes` at `sector` of `dev` is queued; `id` identifies it until completion
- * (never 0).
+ * A write bio of `bytes` at `sector` of a watched device `dev` is queued; `id` identifies it
+ * until completion (never 0).
  */
 static __always_inline void tandem_queue(__u32 dev, __u64 sector, __u64 bytes, __u64 id, int unique_key)
 {
-	struct tandem_params *p;
 	struct tandem_range *rs;
 	struct tandem_bio rec = {};
 	struct mark_ctx c = {};
-	__u64 vs, ve, s, end, first, last, tpr, loops;
-	__u32 zero = 0, rk;
+	__u64 vs = consts.start_sector, ve = vs + consts.nr_sectors, s, end, first, last, loops;
+	__u32 rk;
 
-	if (bytes == 0)
+	if (bytes == 0 || consts.tracks == 0 || consts.track_shift > 63)
 		return;
-	if (!bpf_map_lookup_elem(&devices, &dev))
-		return;
-	p = bpf_map_lookup_elem(&params, &zero);
-	if (!p || p->tracks == 0 || p->tracks_per_range == 0 || p->track_shift > 63)
-		return;
-	vs = p->start_sector;
-	ve = vs + p->nr_sectors;
 	s = sector;
 	end = sector + ((bytes + 511) >> 9);
 	if (end <= vs || s >= ve)
@@ -319,19 +404,18 @@ static __always_inline void tandem_queue(__u32 dev, __u64 sector, __u64 bytes, _
 		s = vs;
 	if (end > ve)
 		end = ve;
-	first = ((s - vs) << 9) >> p->track_shift;
-	last = ((((end - vs) << 9) - 1) >> p->track_shift);
-	if (last >= p->tracks)
-		last = p->tracks - 1;
+	first = ((s - vs) << 9) >> consts.track_shift;
+	last = ((((end - vs) << 9) - 1) >> consts.track_shift);
+	if (last >= consts.tracks)
+		last = consts.tracks - 1;
 	if (first > last)
 		return;
-	tpr = p->tracks_per_range;
 
 	rec.key = id;
-	rec.first_range = (__u32)(first / tpr);
-	rec.last_range = (__u32)(last / tpr);
+	rec.first_range = (__u32)tandem_range_of(first);
+	rec.last_range = (__u32)tandem_range_of(last);
 	rec.dev = dev;
-	rec.queued_ns = bpf_ktime_get_ns();
+	rec.queued_ns = tandem_now();
 	rec.sector = sector;
 	rec.bytes = (__u32)bytes;
 	if (rec.first_range == rec.last_range) {
@@ -357,10 +441,9 @@ static __always_inline void tandem_queue(__u32 dev, __u64 sector, __u64 bytes, _
 
 	c.track = first;
 	c.last = last;
-	c.tpr = tpr;
-	c.wpr = p->words_per_range;
 	c.counted_range = ~0u;
-	tandem_mark_step(0, &c);
+	/* the first word inline: a bio of a few KiB marks one */
+	tandem_mark_word(&c);
 	if (c.track <= last) {
 		/* one step per bitmap word, plus one per range boundary */
 		loops = ((last - c.track) >> 6) + (rec.last_range - rec.first_range) + 2;
@@ -373,11 +456,20 @@ static __always_inline void tandem_queue(__u32 dev, __u64 sector, __u64 bytes, _
 /* The bio identified by `id` completed: release its slot and its counts. */
 static __always_inline void tandem_complete(__u64 id)
 {
-	struct tandem_bio *slot = tandem_find(id);
-	struct tandem_bio done;
+	__u32 home = tandem_home_slot(id), idx, i;
+	struct tandem_bio *slot, done;
 
-	if (slot && tandem_release(slot, id, &done))
-		tandem_account(&done, TANDEM_COMPLETED);
+#pragma unroll
+	for (i = 0; i < TANDEM_INFLIGHT_PROBES; i++) {
+		idx = tandem_probe_slot(home, i);
+		slot = bpf_map_lookup_elem(&inflight, &idx);
+		if (!slot)
+			return;
+		if (tandem_release(slot, id, &done)) {
+			tandem_account(&done, TANDEM_COMPLETED);
+			return;
+		}
+	}
 }
 
 #endif /* TANDEM_COMMON_BPF_H */

@@ -4,6 +4,7 @@
 
 mod apt;
 mod bench;
+mod bench_ebpf;
 mod cluster;
 mod cmd;
 mod demo;
@@ -29,8 +30,9 @@ struct Cli {
 enum Task {
     /// The main job: a narrated failover and failback of one replicated volume on two nodes
     Demo(demo::DemoArgs),
-    /// fio on the replicated device (0 and 1 ms RTT) vs the same device unreplicated, both modes (root)
-    Bench,
+    /// fio on the replicated device (0 and 1 ms RTT) vs the same device unreplicated, both modes (root);
+    /// `bench ebpf`: the cost of the eBPF write recording
+    Bench(BenchArgs),
     /// Install missing tools, then run fmt, clippy, all tests and the simulator budget (CI runs this)
     Test,
     /// Run the deterministic simulator (`tandem-sim`, release build)
@@ -41,10 +43,24 @@ enum Task {
     VmTest(vm::VmTestArgs),
 }
 
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[command(subcommand)]
+    what: Option<BenchWhat>,
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// 4 KiB random direct writes on a loop device with and without the eBPF programs (each
+    /// flavour), as IOPS ratios measured in the same interleaved run (root)
+    Ebpf(bench_ebpf::EbpfArgs),
+}
+
 fn main() -> ExitCode {
     let result = match Cli::parse().task {
         Task::Demo(args) => demo::run(&args),
-        Task::Bench => bench::run(),
+        Task::Bench(BenchArgs { what: None }) => bench::run(),
+        Task::Bench(BenchArgs { what: Some(BenchWhat::Ebpf(args)) }) => bench_ebpf::run(&args),
         Task::Test => test::run(),
         Task::Sim(args) => sim::run(&args),
         Task::Fuzz(args) => fuzz::run(&args),

@@ -24,6 +24,10 @@ pub const FLAVOR_TP_BTF: u32 = 1;
 pub const FLAVOR_CLASSIC: u32 = 2;
 /// `tandem_bio.side` of a bio spanning several ranges: counted on both sides of each.
 pub const SIDE_BOTH: u32 = 2;
+/// `tandem_bio.key` of a slot a queue program is filling: its other fields are not its bio's yet.
+pub const KEY_FILLING: u64 = u64::MAX;
+/// `tandem_consts.range_shift` when the tracks per range are not a power of two.
+pub const NO_SHIFT: u32 = 0xff;
 
 /// Names of the pinned objects under `/sys/fs/bpf/tandem/<volume>/`.
 pub mod pins {
@@ -177,7 +181,8 @@ pub const COMPLETED: u32 = 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BioEntry {
-    /// 0: free. tp_btf: the bio's address. classic: `end sector + 1 + (dev << 44)`.
+    /// 0: free; [`KEY_FILLING`]: being claimed. tp_btf: the bio's address. classic:
+    /// `end sector + 1 + (dev << 44)`.
     pub key: u64,
     pub first_range: u32,
     pub last_range: u32,
@@ -185,7 +190,7 @@ pub struct BioEntry {
     pub side: u32,
     /// Device it was queued on (kernel encoding).
     pub dev: u32,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the bio was queued.
+    /// CLOCK_MONOTONIC when the bio was queued, to a scheduler tick (never ahead).
     pub queued_ns: u64,
     /// First sector of the bio.
     pub sector: u64,
@@ -201,6 +206,12 @@ impl BioEntry {
 /// Home slot of an id in the `inflight` table.
 pub fn home_slot(id: u64) -> u32 {
     (id.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - INFLIGHT_BITS)) as u32
+}
+
+/// The `k`-th slot (0..[`INFLIGHT_PROBES`]) an id with home slot `home` may take: only slots
+/// 4n and 4n + 3, which lie within one cache line each.
+pub fn probe_slot(home: u32, k: u32) -> u32 {
+    ((home & !3) + (k >> 1) * 4 + (k & 1) * 3) & (INFLIGHT_SLOTS - 1)
 }
 
 /// `struct tandem_tp_layout`: the classic object's `.rodata`, offsets of `rwbs` in the classic
@@ -220,5 +231,53 @@ impl TpLayout {
     pub fn to_bytes(&self) -> [u8; Self::SIZE] {
         // SAFETY: repr(C), Copy, no padding.
         unsafe { std::mem::transmute::<TpLayout, [u8; Self::SIZE]>(*self) }
+    }
+}
+
+/// `struct tandem_consts`: each program object's `.rodata`, which the loader fills from the
+/// geometry before loading (not pinned; the verifier reads it as constants).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Consts {
+    pub start_sector: u64,
+    pub nr_sectors: u64,
+    pub tracks: u64,
+    /// The watched devices (kernel encoding), 0: none.
+    pub devs: [u32; 2],
+    pub track_shift: u32,
+    pub tracks_per_range: u32,
+    /// log2 of `tracks_per_range` when it is a power of two, else [`NO_SHIFT`].
+    pub range_shift: u32,
+    pub words_per_range: u32,
+    pub cpus: u32,
+    pub counters_per_cpu: u32,
+    /// Classic flavour only.
+    pub tp: TpLayout,
+}
+
+impl Consts {
+    pub const SIZE: usize = std::mem::size_of::<Consts>();
+
+    /// The constants of a volume with geometry `params` watching `devs` (at most two).
+    pub fn new(params: &Params, devs: &[u32], tp: TpLayout) -> Consts {
+        let tpr = params.tracks_per_range;
+        Consts {
+            start_sector: params.start_sector,
+            nr_sectors: params.nr_sectors,
+            tracks: params.tracks,
+            devs: [devs.first().copied().unwrap_or(0), devs.get(1).copied().unwrap_or(0)],
+            track_shift: params.track_shift,
+            tracks_per_range: tpr,
+            range_shift: if tpr.is_power_of_two() { tpr.trailing_zeros() } else { NO_SHIFT },
+            words_per_range: params.words_per_range,
+            cpus: params.cpus,
+            counters_per_cpu: params.counters_per_cpu,
+            tp,
+        }
+    }
+
+    pub fn to_bytes(&self) -> [u8; Self::SIZE] {
+        // SAFETY: repr(C), Copy, no padding (8-byte fields first, an even number of u32s).
+        unsafe { std::mem::transmute::<Consts, [u8; Self::SIZE]>(*self) }
     }
 }

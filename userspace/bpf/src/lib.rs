@@ -82,11 +82,12 @@ pub mod objects {
 /// Which programs record a volume's writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Flavor {
-    /// `tp_btf/block_bio_queue` + `tp_btf/block_bio_complete` (needs kernel BTF). ≈ 2 % of
-    /// 4 KiB random-write IOPS.
+    /// `tp_btf/block_bio_queue` + `tp_btf/block_rq_complete` (and `block_split`,
+    /// `block_bio_complete`; needs kernel BTF). `cargo xtask bench ebpf`: ≈ 4 % of the 4 KiB
+    /// random-write IOPS of a memory-backed loop device at QD32 (docs/observability.md, "Cost").
     TpBtf,
-    /// `tracepoint/block/block_bio_queue` + `.../block_bio_complete`: loads without BTF,
-    /// costs more per bio.
+    /// `tracepoint/block/block_bio_queue` and the same three others: loads without BTF, costs
+    /// more per bio (≈ 9 % of those IOPS).
     Classic,
 }
 

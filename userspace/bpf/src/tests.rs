@@ -84,6 +84,26 @@ fn rust_layout_matches_the_btf_of_both_objects() {
         TpLayout,
         [bio_queue_rwbs, split_rwbs, rq_complete_rwbs, bio_complete_rwbs]
     );
+    for object in [objects::TP_BTF, objects::CLASSIC] {
+        check_struct!(
+            object,
+            "tandem_consts",
+            Consts,
+            [
+                start_sector,
+                nr_sectors,
+                tracks,
+                devs,
+                track_shift,
+                tracks_per_range,
+                range_shift,
+                words_per_range,
+                cpus,
+                counters_per_cpu,
+                tp
+            ]
+        );
+    }
 }
 
 fn ebpf_dir() -> PathBuf {
@@ -113,6 +133,8 @@ fn rust_constants_match_the_header() {
     assert_eq!(define("TANDEM_FLAVOR_TP_BTF"), u64::from(FLAVOR_TP_BTF));
     assert_eq!(define("TANDEM_FLAVOR_CLASSIC"), u64::from(FLAVOR_CLASSIC));
     assert_eq!(define("TANDEM_SIDE_BOTH"), u64::from(SIDE_BOTH));
+    assert_eq!(define("TANDEM_KEY_FILLING"), KEY_FILLING);
+    assert_eq!(define("TANDEM_NO_SHIFT"), u64::from(NO_SHIFT));
     assert_eq!(define("TANDEM_QUEUED"), u64::from(QUEUED));
     assert_eq!(define("TANDEM_COMPLETED"), u64::from(COMPLETED));
     assert_eq!(&MAGIC.to_le_bytes(), b"TNDM");
@@ -221,5 +243,22 @@ fn volume_names_are_checked() {
     assert!(crate::pin_dir("vol-0.a_b").is_ok());
     for bad in ["", "..", "a/b", "a b", &"x".repeat(65)] {
         assert!(matches!(crate::pin_dir(bad), Err(crate::BpfError::InvalidName { .. })), "{bad:?}");
+    }
+}
+
+#[test]
+fn inflight_probes_stay_within_one_cache_line_each() {
+    // The array is page-aligned (BPF_F_MMAPABLE): slot i spans bytes 48 i .. 48 i + 48.
+    assert_eq!(BioEntry::SIZE, 48);
+    for home in [0, 1, 2, 3, 4, 77, INFLIGHT_SLOTS - 5, INFLIGHT_SLOTS - 1] {
+        let slots: Vec<u32> = (0..INFLIGHT_PROBES).map(|k| probe_slot(home, k)).collect();
+        for &s in &slots {
+            let start = s as usize * BioEntry::SIZE;
+            assert_eq!(start / 64, (start + BioEntry::SIZE - 1) / 64, "slot {s} (home {home}) crosses a cache line");
+        }
+        let mut distinct = slots.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), slots.len(), "probes of home {home}: {slots:?}");
     }
 }

@@ -15,7 +15,9 @@ use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, OpenObject, PrintCallback, P
 
 use crate::device::{DeviceInfo, DeviceRef};
 use crate::error::BpfError;
-use crate::layout::{self, pins, BioEntry, Params, RangeEntry, RangeState, TpLayout, COMPLETED, QUEUED, SIDE_BOTH};
+use crate::layout::{
+    self, pins, BioEntry, Consts, Params, RangeEntry, RangeState, TpLayout, COMPLETED, KEY_FILLING, QUEUED, SIDE_BOTH,
+};
 use crate::sys::{self, Mmap, RcuSync};
 use crate::{skel_btf, skel_classic, Flavor, FlavorChoice};
 
@@ -126,7 +128,7 @@ impl SlotCell {
     /// again: a slot reused meanwhile is skipped).
     fn snapshot(&self) -> Option<BioEntry> {
         let key = self.key.load(Ordering::SeqCst);
-        if key == 0 {
+        if key == 0 || key == KEY_FILLING {
             return None;
         }
         let entry = BioEntry {
@@ -433,17 +435,20 @@ where
         BpfError::Load { flavor, source, log }
     };
     let mut open = builder.open(storage).map_err(load_err)?;
+    // The programs read the geometry and the watched devices as constants (see struct
+    // tandem_consts): they must be in .rodata before the load freezes it.
+    let consts = Consts::new(params, devs, tp_layout.unwrap_or_default());
+    let mut consts_set = false;
     for mut map in open.open_object_mut().maps_mut() {
-        if let Some(layout) = tp_layout {
-            if map.name().to_string_lossy().ends_with(".rodata") {
-                let value =
-                    map.initial_value_mut().filter(|v| v.len() == TpLayout::SIZE).ok_or_else(|| BpfError::Layout {
-                        path: dir.to_owned(),
-                        detail: "the classic object's .rodata is not one struct tandem_tp_layout".into(),
-                    })?;
-                value.copy_from_slice(&layout.to_bytes());
-                continue;
-            }
+        if map.name().to_string_lossy().ends_with(".rodata") {
+            let value =
+                map.initial_value_mut().filter(|v| v.len() == Consts::SIZE).ok_or_else(|| BpfError::Layout {
+                    path: dir.to_owned(),
+                    detail: format!("the {flavor} object's .rodata is not one struct tandem_consts"),
+                })?;
+            value.copy_from_slice(&consts.to_bytes());
+            consts_set = true;
+            continue;
         }
         let entries = match map.name().to_str() {
             Some(pins::BITMAP) => params.bitmap_words() as u32,
@@ -452,6 +457,12 @@ where
             _ => continue,
         };
         map.set_max_entries(entries).map_err(load_err)?;
+    }
+    if !consts_set || devs.is_empty() || devs.len() > 2 {
+        return Err(BpfError::Layout {
+            path: dir.to_owned(),
+            detail: format!("the {flavor} object has no .rodata, or {} devices to watch (1 or 2)", devs.len()),
+        });
     }
     let mut skel = open.load().map_err(load_err)?;
 
