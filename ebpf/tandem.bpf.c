@@ -67,12 +67,34 @@ static __always_inline __u64 bio_id(struct bio *bio)
 	return id + base;
 }
 
+/*
+ * A bio of our device number is on our disk only if the disk is the one the loader saw: the
+ * programs outlive the daemon, and when its loop device goes away the kernel hands the same
+ * minor (the same dev_t) to the next losetup, an unrelated device. The disk's diskseq (Linux
+ * >= 5.15, a per-boot counter the kernel never reuses; a loop device's re-attach advances it)
+ * tells them apart. A partition's bio points at the whole disk, whose diskseq the loader took.
+ * Only the queue side checks: a bio not counted at queue holds no inflight slot, so its
+ * completion (found by the bio's address) releases nothing. Without diskseq in the kernel
+ * (consts.diskseq 0, or no such field) the device number alone decides.
+ */
+static __always_inline int same_disk(struct bio *bio)
+{
+	struct gendisk *disk;
+
+	if (!consts.diskseq)
+		return 1;
+	disk = bio->bi_bdev->bd_disk;
+	if (!bpf_core_field_exists(disk->diskseq))
+		return 1;
+	return disk->diskseq == consts.diskseq;
+}
+
 /* Cheapest test first: most bios on a machine belong to other devices. */
 static __always_inline void queue_bio(struct bio *bio)
 {
 	__u32 dev = bio->bi_bdev->bd_dev;
 
-	if (!tandem_watched(dev) || !op_changes_data(bio->bi_opf))
+	if (!tandem_watched(dev) || !same_disk(bio) || !op_changes_data(bio->bi_opf))
 		return;
 	tandem_queue(dev, bio->bi_iter.bi_sector, bio->bi_iter.bi_size, bio_id(bio), 1);
 }

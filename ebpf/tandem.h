@@ -35,7 +35,7 @@
 #define TANDEM_H
 
 #define TANDEM_MAGIC 0x4d444e54u /* "TNDM" read as a little-endian __u32 */
-#define TANDEM_LAYOUT_VERSION 1u
+#define TANDEM_LAYOUT_VERSION 2u
 
 #define TANDEM_MAX_DEVICES 16
 #define TANDEM_INFLIGHT_BITS 14
@@ -74,6 +74,13 @@ struct tandem_params {
 	__u64 generation;       /* the volume's generation, set by userspace, unused by the programs */
 	__u32 cpus;             /* possible CPUs: the counters map holds cpus * counters_per_cpu */
 	__u32 counters_per_cpu; /* ranges * 4 rounded up to 8 (a whole number of cache lines) */
+	__u64 diskseq;          /* the disk's sequence number (struct gendisk.diskseq, Linux >= 5.15;
+	                           for a partition, the whole disk's) when the programs were loaded:
+	                           with dev, the device's identity, since a dev_t is reused by the
+	                           next device that gets the number and a diskseq never is (per boot).
+	                           The tp_btf queue programs record only bios of this diskseq; 0: the
+	                           kernel has none, the programs go by dev alone (as the classic
+	                           flavour always does: its events carry no disk) */
 };
 
 struct tandem_range {
@@ -136,6 +143,7 @@ struct tandem_consts {
 	__u64 start_sector;     /* = params.start_sector */
 	__u64 nr_sectors;       /* = params.nr_sectors */
 	__u64 tracks;           /* = params.tracks */
+	__u64 diskseq;          /* = params.diskseq (tp_btf only: the classic programs ignore it) */
 	__u32 devs[2];          /* the watched devices (the keys of `devices`); 0: none */
 	__u32 track_shift;      /* = params.track_shift */
 	__u32 tracks_per_range; /* = params.tracks_per_range */

@@ -66,8 +66,13 @@ enum {
 
 struct request_queue;
 
+struct gendisk {
+	u64 diskseq;
+};
+
 struct block_device {
 	dev_t bd_dev;
+	struct gendisk *bd_disk;
 };
 
 struct bvec_iter {

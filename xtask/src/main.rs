@@ -41,6 +41,8 @@ enum Task {
     Fuzz(fuzz::FuzzArgs),
     /// Boot Debian's 6.12 kernel under QEMU with the host's root visible and run a guest scenario (root)
     VmTest(vm::VmTestArgs),
+    /// The bench table in the guest: Tandem (memory, disk) on ublk and DRBD (B, C), as ratios against the raw device (root)
+    VmBench(vm::bench::VmBenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -65,6 +67,7 @@ fn main() -> ExitCode {
         Task::Sim(args) => sim::run(&args),
         Task::Fuzz(args) => fuzz::run(&args),
         Task::VmTest(args) => vm::run(&args),
+        Task::VmBench(args) => vm::bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,7 +7,7 @@
 /// `tandem_params.magic`: "TNDM" read as a little-endian u32.
 pub const MAGIC: u32 = 0x4d44_4e54;
 /// `tandem_params.version`.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// Capacity of the `devices` map.
 pub const MAX_DEVICES: u32 = 16;
 /// log2 of the slots of the `inflight` table.
@@ -81,6 +81,13 @@ pub struct Params {
     pub cpus: u32,
     /// `ranges * 4` rounded up to 8 (whole cache lines per CPU).
     pub counters_per_cpu: u32,
+    /// The disk's sequence number (`struct gendisk.diskseq`, Linux ≥ 5.15; for a partition,
+    /// the whole disk's) when the programs were loaded: with [`Params::dev`], the device's
+    /// identity (a dev_t is reused by the next device that gets the number, a diskseq never
+    /// is until reboot). The tp_btf queue programs record only bios of this disk; 0: the kernel
+    /// has none, and the device number alone decides (as it always does for the classic
+    /// flavour, whose events carry no disk).
+    pub diskseq: u64,
 }
 
 impl Params {
@@ -242,6 +249,8 @@ pub struct Consts {
     pub start_sector: u64,
     pub nr_sectors: u64,
     pub tracks: u64,
+    /// `params.diskseq` (0: the device number alone). Only the tp_btf programs read it.
+    pub diskseq: u64,
     /// The watched devices (kernel encoding), 0: none.
     pub devs: [u32; 2],
     pub track_shift: u32,
@@ -265,6 +274,7 @@ impl Consts {
             start_sector: params.start_sector,
             nr_sectors: params.nr_sectors,
             tracks: params.tracks,
+            diskseq: params.diskseq,
             devs: [devs.first().copied().unwrap_or(0), devs.get(1).copied().unwrap_or(0)],
             track_shift: params.track_shift,
             tracks_per_range: tpr,

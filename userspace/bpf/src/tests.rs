@@ -67,7 +67,8 @@ fn rust_layout_matches_the_btf_of_both_objects() {
                 flavor,
                 generation,
                 cpus,
-                counters_per_cpu
+                counters_per_cpu,
+                diskseq
             ]
         );
         check_struct!(object, "tandem_range", RangeEntry, [current, toggles, marked, untracked]);
@@ -93,6 +94,7 @@ fn rust_layout_matches_the_btf_of_both_objects() {
                 start_sector,
                 nr_sectors,
                 tracks,
+                diskseq,
                 devs,
                 track_shift,
                 tracks_per_range,
@@ -222,13 +224,14 @@ fn geometry_is_validated() {
         minor: 0,
         kernel_dev: crate::kernel_dev(7, 0),
         disk_dev: None,
+        diskseq: Some(42),
         start_sector: 0,
         nr_sectors: 2048 * 64, // 64 MiB
         partition: false,
     };
     let cfg = |ts, tpr, n| VolumeConfig::new("v", Path::new("/dev/null"), ts, tpr, n);
     let p = geometry(&cfg(65536, 100, 1024), &device, Flavor::TpBtf).unwrap();
-    assert_eq!((p.ranges, p.words_per_range, p.track_shift, p.dev), (11, 2, 16, 7 << 20));
+    assert_eq!((p.ranges, p.words_per_range, p.track_shift, p.dev, p.diskseq), (11, 2, 16, 7 << 20, 42));
     assert_eq!(p.tracks_in_range(10), 24);
     assert_eq!(p.bitmap_words(), 44);
     assert_eq!(p.word_index(3, 1, 1), (3 * 2 + 1) * 2 + 1);

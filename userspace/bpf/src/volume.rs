@@ -297,6 +297,7 @@ pub(crate) fn geometry(config: &VolumeConfig, device: &DeviceInfo, flavor: Flavo
         generation: config.generation,
         cpus: cpus as u32,
         counters_per_cpu: counters_per_cpu as u32,
+        diskseq: device.diskseq.unwrap_or(0),
     })
 }
 
@@ -737,6 +738,32 @@ impl Volume {
     /// When [`Volume::load`] fell back from tp_btf to the classic tracepoints: why.
     pub fn fallback_reason(&self) -> Option<&str> {
         self.fallback.as_deref()
+    }
+
+    /// Why the pinned programs do not record `device` itself, if they do not: another device
+    /// number, or the same number on another disk (its diskseq differs: the number was freed
+    /// and given to a new device, e.g. the next loop device). Where either side has no diskseq
+    /// (a kernel before 5.15) the device number alone decides.
+    pub fn device_mismatch(&self, device: &DeviceInfo) -> Option<String> {
+        let p = &self.params;
+        let name = |dev: u32| format!("{}:{}", dev >> 20, dev & 0xf_ffff);
+        if p.dev != device.kernel_dev {
+            return Some(format!(
+                "they record device {}, not {} ({})",
+                name(p.dev),
+                name(device.kernel_dev),
+                device.device
+            ));
+        }
+        match device.diskseq {
+            Some(seq) if p.diskseq != 0 && seq != p.diskseq => Some(format!(
+                "they record device {} of diskseq {}, and {} is now another disk (diskseq {seq})",
+                name(p.dev),
+                p.diskseq,
+                device.device
+            )),
+            _ => None,
+        }
     }
 
     /// True while both links are pinned (the programs are recording).

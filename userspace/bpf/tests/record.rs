@@ -225,6 +225,9 @@ fn partition_writes_mark_partition_relative_tracks() {
     let rdev = std::os::unix::fs::MetadataExt::rdev(&std::fs::metadata(&disk.path).unwrap());
     assert_eq!(info.disk_dev, Some(tandem_bpf::kernel_dev(libc::major(rdev), libc::minor(rdev))));
     assert_eq!(v.params().start_sector, 8192);
+    let whole = tandem_bpf::DeviceInfo::resolve(&tandem_bpf::DeviceRef::Path(disk.path.clone())).unwrap();
+    assert!(whole.diskseq.is_some());
+    assert_eq!((info.diskseq, v.params().diskseq), (whole.diskseq, whole.diskseq.unwrap()), "the whole disk's");
 
     let p = {
         let mut o = std::fs::OpenOptions::new();
@@ -390,4 +393,77 @@ fn fallback_header_object_loads() {
         }
     }
     open.load().expect("the fallback-header object loads");
+}
+
+/// `stat`'s device number of a block device node.
+fn rdev(path: &Path) -> u64 {
+    std::os::unix::fs::MetadataExt::rdev(&std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+}
+
+/// A device number reused while the programs stay pinned: the daemon (killed) took its loop
+/// device with it, and the next `losetup` got the freed minor, i.e. the same dev_t, for an
+/// unrelated file. The writes to that device must not enter the record. The tp_btf programs
+/// tell the two apart by the disk's diskseq (a per-boot counter the kernel never reuses, which
+/// a loop device's re-attach advances).
+#[test]
+fn a_reused_device_number_is_not_recorded_tp_btf() {
+    if skip("a_reused_device_number_is_not_recorded_tp_btf") {
+        return;
+    }
+    let dev = LoopDevice::new(64 * TRACK, true);
+    let path = dev.path.to_str().unwrap().to_owned();
+    let name = volume_name("reuse");
+    let _pinned = Pinned(name.clone());
+    let v = Volume::load(&config(&name, &dev.path, TRACK as u32, 16, 64, Flavor::TpBtf)).unwrap();
+    let f = dev.open_direct();
+    write_direct(&f, 5 * TRACK, 4096, 1);
+    drop(f);
+    assert_recorded(&v, &BTreeSet::from([5]), "the volume's own write");
+    let before = rdev(&dev.path);
+    let first = tandem_bpf::DeviceInfo::resolve(&tandem_bpf::DeviceRef::Path(dev.path.clone())).unwrap();
+    let seq = first.diskseq.expect("this kernel (>= 5.15) numbers its disks: /sys/block/*/diskseq");
+    assert_eq!(v.params().diskseq, seq, "params.diskseq is the device's");
+    assert_eq!(v.device_mismatch(&first), None);
+
+    // The volume's device goes away, the programs stay attached (nobody unpins them).
+    run("losetup", &["-d", &path]);
+    // Another "test" attaches an unrelated file to the very same minor (a concurrent
+    // `losetup -f` may hold it for a moment, and the detach completes at the last close).
+    let other = tempfile::Builder::new().prefix("tandem-bpf-reuse").tempdir().unwrap();
+    let backing = other.path().join("backing");
+    std::fs::File::create(&backing).and_then(|f| f.set_len(64 * TRACK)).unwrap();
+    let mut attached = false;
+    let mut last = String::new();
+    for _ in 0..100 {
+        let out = Command::new("losetup")
+            .args(["--direct-io=on", &path, backing.to_str().unwrap()])
+            .output()
+            .expect("running losetup");
+        if out.status.success() {
+            attached = true;
+            break;
+        }
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(attached, "cannot attach a new file to {path} (someone else took it?): {last}");
+    let listed = run("losetup", &["-n", "-O", "BACK-FILE", &path]);
+    assert_eq!(listed.trim(), backing.to_str().unwrap(), "{path} is not the new device");
+    assert_eq!(rdev(&dev.path), before, "the new device must have the same dev_t, else this proves nothing");
+    let second = tandem_bpf::DeviceInfo::resolve(&tandem_bpf::DeviceRef::Path(dev.path.clone())).unwrap();
+    assert_eq!(second.kernel_dev, first.kernel_dev);
+    assert!(second.diskseq.is_some_and(|s| s > seq), "a re-attach advances the diskseq: {second:?}");
+    let why = v.device_mismatch(&second).expect("the new device is not the recorded one");
+    assert!(why.contains("diskseq"), "{why}");
+
+    let g = dev.open_direct();
+    write_direct(&g, 9 * TRACK, 4096, 2);
+    write_direct(&g, 10 * TRACK, 2 * TRACK as usize, 2);
+    write_direct(&g, 63 * TRACK, 4096, 2);
+    discard(&g, 30 * TRACK, 4 * TRACK);
+    zero_out(&g, 40 * TRACK, TRACK);
+    g.sync_all().unwrap();
+    drop(g);
+    assert_recorded(&v, &BTreeSet::from([5]), "after the writes to the device that reused the number");
+    v.unpin().unwrap();
 }

@@ -25,6 +25,7 @@ use crate::config::Config;
 use crate::control::{AttachView, Reply};
 use crate::daemon::{Daemon, Edges, HostOp, Input};
 use crate::kernel_record::{KernelRecord, KernelRecordError, RecordSpec, TrackSet};
+use crate::runtime::Links;
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use std::fs::File;
@@ -32,7 +33,7 @@ use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -188,9 +189,7 @@ pub struct SnapshotRequest {
 /// The edges of an attached node: [`DeviceIo`] for local I/O, the links for messages.
 struct AttachEdges {
     io: DeviceIo,
-    net: Arc<Net>,
-    /// A flush of the messages queued on `net` is waiting in the inbox.
-    flush_queued: Arc<AtomicBool>,
+    links: Links,
     inbox: Sender<Input>,
     device: String,
     view: Arc<Mutex<AttachView>>,
@@ -211,28 +210,16 @@ impl Edges for AttachEdges {
         }
     }
 
-    /// As the file frontend's edges: messages of one turn leave together.
     fn send(&mut self, peer: NodeId, msg: Message) {
-        self.net.queue(peer, msg);
-        if !self.flush_queued.swap(true, Ordering::Relaxed) {
-            let (net, flush_queued) = (self.net.clone(), self.flush_queued.clone());
-            let flush = Input::Run(Box::new(move || {
-                flush_queued.store(false, Ordering::Relaxed);
-                net.flush();
-            }));
-            if self.inbox.send(flush).is_err() {
-                self.net.flush();
-            }
-        }
+        self.links.send(peer, msg);
     }
 
     fn disconnect(&mut self, peer: NodeId, stand_alone: bool) {
-        self.net.flush();
-        self.net.disconnect(peer, stand_alone);
+        self.links.disconnect(peer, stand_alone);
     }
 
     fn reconnect(&mut self, peer: NodeId) {
-        self.net.reconnect(peer);
+        self.links.reconnect(peer);
     }
 
     fn device(&self) -> Option<String> {
@@ -752,9 +739,13 @@ fn records_this_device(record: &KernelRecord, config: &Config) -> Result<(), Str
     }
     let device = tandem_bpf::DeviceInfo::resolve(&tandem_bpf::DeviceRef::Path(config.data.clone()))
         .map_err(|e| e.to_string())?;
+    // The device number alone is not enough: a number freed while no daemon ran may now
+    // name another disk (its diskseq differs), whose writes the programs would not cover.
+    if let Some(why) = v.device_mismatch(&device) {
+        return Err(why);
+    }
     let (p, g) = (v.params(), &config.geometry);
     let checks = [
-        ("device", u64::from(p.dev), u64::from(device.kernel_dev)),
         ("tracks", p.tracks, g.track_count()),
         ("track size", 1u64 << p.track_shift, u64::from(g.track_size())),
         ("tracks per range", u64::from(p.tracks_per_range), u64::from(g.tracks_per_range())),
@@ -814,8 +805,7 @@ pub fn run_daemon(config: Config) -> Result<()> {
     let (snapshots_tx, snapshots_rx) = channel();
     let edges = AttachEdges {
         io,
-        net: Arc::new(net),
-        flush_queued: Arc::new(AtomicBool::new(false)),
+        links: Links::new(net, inbox.clone()),
         inbox: inbox.clone(),
         device: device_path,
         view: view.clone(),

@@ -12,6 +12,10 @@
 //! again (`tandem primary`, after the handshake with its peer); until then the kernel keeps
 //! holding the I/O and the filesystem above waits. A node that died as secondary re-attaches
 //! at once (nothing above writes to it, and a quiesced device would hang an LVM scan).
+//!
+//! The device keeps its dev_t and its disk's diskseq across the restart, so the daemon keeps
+//! the kernel record the previous one left pinned (see `kernel_record`, "Restart"): the
+//! programs that marked the requests the kernel holds go on recording their reissue.
 
 use crate::config::Config;
 use anyhow::{bail, Context, Result};
@@ -98,6 +102,22 @@ pub enum Plan {
     Recover { id: u32 },
 }
 
+impl Plan {
+    /// The block device a recovery takes over, which the previous daemon served too (its
+    /// dev_t and diskseq survive the daemon); `None` for a new device.
+    pub fn surviving_device(&self) -> Option<PathBuf> {
+        match self {
+            Plan::Recover { id } => Some(block_device(*id)),
+            Plan::Add => None,
+        }
+    }
+}
+
+/// `/dev/ublkb<id>`.
+fn block_device(id: u32) -> PathBuf {
+    PathBuf::from(format!("/dev/ublkb{id}"))
+}
+
 /// Reads `<meta>.ublk` and asks the kernel what became of that device.
 pub fn plan(config: &Config) -> Result<Plan> {
     let file = id_file(config);
@@ -179,7 +199,7 @@ impl Serving {
             frontend.serve(start, ready).context("serving the ublk device")
         })?;
         let device = match plan {
-            Plan::Recover { id } => UblkDevice { id, block_device: PathBuf::from(format!("/dev/ublkb{id}")) },
+            Plan::Recover { id } => UblkDevice { id, block_device: block_device(id) },
             Plan::Add => match rx.recv() {
                 Ok(device) => device,
                 Err(_) => {

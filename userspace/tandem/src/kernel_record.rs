@@ -40,10 +40,22 @@
 //! # Restart
 //!
 //! After a `kill -9` the pinned maps still hold every track written (the programs kept
-//! recording; the dead daemon's loop device goes away). [`recover_pinned`] reads them; the
-//! daemon adds them to the persisted `out_of_sync`, writes the metadata durably, and only then
-//! unpins and loads the programs afresh for the new loop device (a new dev_t). Maps whose
-//! geometry differs from the configuration count as "every track written".
+//! recording). [`recover_pinned`] reads them; the daemon adds them to the persisted
+//! `out_of_sync` and writes the metadata durably. Then it depends on the device:
+//!
+//! * the file frontend's loop device died with the daemon: the daemon unpins and loads the
+//!   programs afresh for its new loop device. The kernel may give that one the same minor
+//!   (the same dev_t): a device is its dev_t *and* its disk's diskseq, which the kernel never
+//!   reuses, and the tp_btf programs record only bios of the diskseq they were loaded for, so
+//!   the old programs never mark a device that reused the number (the classic flavour cannot
+//!   tell: its events carry no disk);
+//! * the ublk device survives the daemon (user recovery), and with it its dev_t and diskseq:
+//!   the daemon keeps the pinned programs and maps ([`Recovered::keep_for`]) instead of
+//!   replacing them, so the bios the kernel reissues on recovery, and every write from then
+//!   on, stay in the same record with no gap.
+//!
+//! Maps whose geometry differs from the configuration count as "every track written", and are
+//! replaced.
 //!
 //! # Fallback
 //!
@@ -315,8 +327,9 @@ impl KernelRecord {
 
     /// Takes over the maps a previous daemon left pinned for `pin`, programs still attached to
     /// the same device (attach mode: the attached device keeps its dev_t across a restart, so
-    /// nothing the programs recorded meanwhile is lost). The file frontend does not use it:
-    /// its restart makes a new loop device, which the pinned programs do not watch.
+    /// nothing the programs recorded meanwhile is lost; the ublk frontend goes through
+    /// [`Recovered::keep_for`]). The file frontend does not use it: its restart makes a new
+    /// loop device, which the pinned programs do not watch.
     #[allow(dead_code)] // for attach mode
     pub fn take_over(pin: &str) -> Result<KernelRecord, KernelRecordError> {
         let dir = tandem_bpf::pin_dir(pin).map_err(KernelRecordError::bpf("the record's pin name"))?;
@@ -808,13 +821,34 @@ impl Clearing {
             marked_tracks: Some(v.dirty_count()),
             cycles: self.cycles,
             cleared_tracks: self.cleared,
-            reason: v.fallback_reason().map(|r| format!("tp_btf did not load: {r}")),
+            reason: degraded(v),
         }
     }
 
     pub fn unpin(self) -> Result<(), KernelRecordError> {
         self.record.unpin()
     }
+}
+
+/// What `tandem status` says of a kernel record that is less than the best: the classic
+/// flavour (and why tp_btf did not load), a device known by its number only.
+fn degraded(v: &Volume) -> Option<String> {
+    let mut notes = Vec::new();
+    if let Some(r) = v.fallback_reason() {
+        notes.push(format!("tp_btf did not load: {r}"));
+    }
+    let by_number = match v.flavor() {
+        Some(Flavor::Classic) => Some("the classic tracepoints carry no disk"),
+        _ if v.params().diskseq == 0 => Some("this kernel has no diskseq"),
+        _ => None,
+    };
+    if let Some(why) = by_number {
+        notes.push(format!(
+            "the device is known by its number only ({why}): while no daemon runs, a new device that gets \
+             the number is recorded too"
+        ));
+    }
+    (!notes.is_empty()).then(|| notes.join("; "))
 }
 
 /// The daemon's choice at start: the kernel record for `device`, or why not.
@@ -868,6 +902,35 @@ impl Recovered {
     pub fn unpin(self) -> Result<(), KernelRecordError> {
         let name = self.pin_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         tandem_bpf::unpin(&name).map(|_| ()).map_err(KernelRecordError::bpf(format!("unpinning {name}")))
+    }
+
+    /// Keeps the pinned programs and maps as this daemon's record, when they still record
+    /// `device` itself: the maps are trusted, the programs attached, and `device` has the
+    /// dev_t and the diskseq they were loaded for (a device that survived the daemon, as a
+    /// ublk device under user recovery does). Otherwise gives `self` back with why not, to be
+    /// unpinned. Call it only once `tracks` are durable: the record's clearing cycles may then
+    /// clear them from the map.
+    pub fn keep_for(self, device: &Path) -> Result<KernelRecord, (Recovered, String)> {
+        if let Some(why) = &self.untrusted {
+            let why = why.clone();
+            return Err((self, why));
+        }
+        let name = self.pin_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let volume = match Volume::open(&name) {
+            Ok(v) => v,
+            Err(e) => return Err((self, format!("the pinned maps cannot be opened: {e}"))),
+        };
+        if !volume.is_attached() {
+            return Err((self, "its programs are detached: writes since then were not recorded".into()));
+        }
+        let info = match tandem_bpf::DeviceInfo::resolve(&tandem_bpf::DeviceRef::Path(device.to_owned())) {
+            Ok(info) => info,
+            Err(e) => return Err((self, format!("cannot identify {}: {e}", device.display()))),
+        };
+        if let Some(why) = volume.device_mismatch(&info) {
+            return Err((self, why));
+        }
+        Ok(KernelRecord::with_volume(volume, self._lock))
     }
 }
 
@@ -1226,10 +1289,54 @@ mod tests {
         let done = record.cycle_blocking(1, Duration::from_secs(10), |_| false).unwrap();
         assert_eq!(done, Finished { kept: 0, cleared: 1 });
         assert_eq!(record.volume().dirty_tracks(), vec![2, 5]);
-
         let dir = record.pin_dir().to_owned();
-        record.unpin().unwrap();
+
+        // A restart on the same device (ublk under user recovery): the pinned programs are
+        // kept, and go on recording into the same maps.
+        drop(record);
+        write(9, block); // no daemon
+        let recovered = recover_pinned(&pin, &geometry).unwrap().expect("still pinned");
+        assert_eq!(recovered.tracks, vec![2, 5, 9]);
+        let record = recovered.keep_for(Path::new(&device)).map_err(|(_, why)| why).unwrap();
+        write(12, block);
+        assert_eq!(record.volume().dirty_tracks(), vec![2, 5, 9, 12]);
+        assert!(matches!(recover_pinned(&pin, &geometry), Err(KernelRecordError::InUse { .. })));
+        drop(record);
+
+        // A restart on a new device that got the same number (the file frontend's next loop
+        // device): not kept.
+        drop(file);
+        let out = std::process::Command::new("losetup").args(["-d", &device]).output().unwrap();
+        assert!(out.status.success(), "losetup -d: {}", String::from_utf8_lossy(&out.stderr));
+        let other = dir_for_other_image(&device);
+        let recovered = recover_pinned(&pin, &geometry).unwrap().expect("still pinned");
+        let (recovered, why) = match recovered.keep_for(Path::new(&device)) {
+            Ok(_) => panic!("kept the record of a dead device for the device that reused its number"),
+            Err(back) => back,
+        };
+        assert!(why.contains("diskseq"), "{why}");
+        assert_eq!(recovered.tracks, vec![2, 5, 9, 12]);
+        recovered.unpin().unwrap();
         assert!(!dir.exists(), "{} is still there", dir.display());
+        drop(other);
+    }
+
+    /// Attaches a new image to the loop device `device` (just detached), retrying while the
+    /// detach completes; the image's directory lives as long as the returned value.
+    fn dir_for_other_image(device: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("other.img");
+        File::create(&image).unwrap().set_len(4 << 20).unwrap();
+        let mut last = String::new();
+        for _ in 0..100 {
+            let out = std::process::Command::new("losetup").args([device, image.to_str().unwrap()]).output().unwrap();
+            if out.status.success() {
+                return dir;
+            }
+            last = String::from_utf8_lossy(&out.stderr).into_owned();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("cannot attach a new image to {device} (taken by someone else?): {last}");
     }
 
     /// The re-mark decision must ask the core's records *and* the resync and out_of_sync

@@ -4,7 +4,7 @@
 use crate::config::Config;
 use crate::daemon::{Daemon, Edges, HostOp, Input};
 use crate::kernel_frontend::{self, Plan, Selected, Serving};
-use crate::kernel_record::{self, Record, RecordChoice, RecordSpec};
+use crate::kernel_record::{self, Clearing, KernelRecord, Record, RecordChoice, RecordSpec};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -75,12 +75,51 @@ pub fn create_metadata(config: &Config, force: bool) -> Result<()> {
 /// The frontend's view for `status`, filled in once it is up, and whether it serves.
 type SharedFrontend = Arc<Mutex<Option<(crate::control::FrontendView, Arc<AtomicBool>)>>>;
 
-/// The edges of a running node.
-struct RealEdges {
-    store: Arc<Store>,
+/// The links' half of a node's edges (the file/ublk runtime's and attach mode's).
+pub struct Links {
     net: Arc<Net>,
     /// A flush of the messages queued on `net` is waiting in the inbox.
     flush_queued: Arc<AtomicBool>,
+    inbox: Sender<Input>,
+}
+
+impl Links {
+    pub fn new(net: Net, inbox: Sender<Input>) -> Links {
+        Links { net: Arc::new(net), flush_queued: Arc::new(AtomicBool::new(false)), inbox }
+    }
+
+    /// Queues the message and, once per turn of the node's loop, a flush behind the inputs
+    /// already waiting: the messages of a burst of inputs leave together, in one system call
+    /// per link, and a lone message leaves as soon as the turn that made it is over.
+    pub fn send(&mut self, peer: NodeId, msg: Message) {
+        self.net.queue(peer, msg);
+        if !self.flush_queued.swap(true, Ordering::Relaxed) {
+            let (net, flush_queued) = (self.net.clone(), self.flush_queued.clone());
+            let flush = Input::Run(Box::new(move || {
+                flush_queued.store(false, Ordering::Relaxed);
+                net.flush();
+            }));
+            if self.inbox.send(flush).is_err() {
+                self.net.flush();
+            }
+        }
+    }
+
+    pub fn disconnect(&mut self, peer: NodeId, stand_alone: bool) {
+        // What the node sent before deciding to drop the link goes first.
+        self.net.flush();
+        self.net.disconnect(peer, stand_alone);
+    }
+
+    pub fn reconnect(&mut self, peer: NodeId) {
+        self.net.reconnect(peer);
+    }
+}
+
+/// The edges of a running node.
+struct RealEdges {
+    store: Arc<Store>,
+    links: Links,
     /// Known once the frontend is up, which needs the daemon's loop running already.
     device: Arc<Mutex<Option<String>>>,
     /// The frontend under the user-facing device, and whether it serves (ublk: false while a
@@ -104,31 +143,16 @@ impl Edges for RealEdges {
         }
     }
 
-    /// Queues the message and, once per turn of the node's loop, a flush behind the inputs
-    /// already waiting: the messages of a burst of inputs leave together, in one system call
-    /// per link, and a lone message leaves as soon as the turn that made it is over.
     fn send(&mut self, peer: NodeId, msg: Message) {
-        self.net.queue(peer, msg);
-        if !self.flush_queued.swap(true, Ordering::Relaxed) {
-            let (net, flush_queued) = (self.net.clone(), self.flush_queued.clone());
-            let flush = Input::Run(Box::new(move || {
-                flush_queued.store(false, Ordering::Relaxed);
-                net.flush();
-            }));
-            if self.inbox.send(flush).is_err() {
-                self.net.flush();
-            }
-        }
+        self.links.send(peer, msg);
     }
 
     fn disconnect(&mut self, peer: NodeId, stand_alone: bool) {
-        // What the node sent before deciding to drop the link goes first.
-        self.net.flush();
-        self.net.disconnect(peer, stand_alone);
+        self.links.disconnect(peer, stand_alone);
     }
 
     fn reconnect(&mut self, peer: NodeId) {
-        self.net.reconnect(peer);
+        self.links.reconnect(peer);
     }
 
     fn device(&self) -> Option<String> {
@@ -208,17 +232,29 @@ impl BlockBackend for VolumeBackend {
 /// A daemon that died without `tandem down` left its kernel record pinned: what it holds
 /// goes into the persisted `out_of_sync`, durably, before anything is unpinned or loaded
 /// again, so the restarted node resyncs those tracks (see `kernel_record`, "Restart").
-fn recover_kernel_record(config: &Config, meta_file: &mut MetaFile, meta: &mut tandem_core::node::Meta) -> Result<()> {
+///
+/// `surviving`: the frontend device this daemon will serve, when it is the one the dead
+/// daemon served (a ublk device under user recovery). If the pinned programs record that very
+/// disk (dev_t and diskseq), they are kept and returned as this daemon's record: replacing
+/// them would leave the requests the kernel reissues on recovery in no record. Otherwise
+/// (the file frontend's new loop device, a new ublk device) they are unpinned, and the
+/// daemon loads the programs afresh once its device exists.
+fn recover_kernel_record(
+    config: &Config,
+    meta_file: &mut MetaFile,
+    meta: &mut tandem_core::node::Meta,
+    surviving: Option<&std::path::Path>,
+) -> Result<Option<KernelRecord>> {
     let recovered = match kernel_record::recover_pinned(&config.record_pin, &config.geometry) {
         Ok(Some(r)) => r,
-        Ok(None) => return Ok(()),
+        Ok(None) => return Ok(None),
         Err(e @ kernel_record::KernelRecordError::InUse { .. }) => return Err(e.into()),
         Err(e) if config.record == RecordChoice::Bpf => {
             return Err(anyhow::Error::new(e).context("reading the kernel record a previous daemon left pinned"))
         }
         Err(e) => {
             tracing::warn!(error = %e, "cannot read a kernel record a previous daemon may have left pinned");
-            return Ok(());
+            return Ok(None);
         }
     };
     if let Some(why) = &recovered.untrusted {
@@ -240,8 +276,25 @@ fn recover_kernel_record(config: &Config, meta_file: &mut MetaFile, meta: &mut t
         runs = ?kernel_record::track_runs(&recovered.tracks),
         "a previous daemon left its kernel record pinned: its tracks are now out of sync (persisted)"
     );
+    let recovered = match surviving {
+        Some(device) if config.record != RecordChoice::Memory => match recovered.keep_for(device) {
+            Ok(record) => {
+                tracing::info!(
+                    pin = %record.pin_dir().display(),
+                    device = %device.display(),
+                    "the device survived the previous daemon: its pinned programs keep recording it"
+                );
+                return Ok(Some(record));
+            }
+            Err((recovered, why)) => {
+                tracing::info!(device = %device.display(), %why, "replacing the pinned kernel record");
+                recovered
+            }
+        },
+        _ => recovered,
+    };
     recovered.unpin().context("unpinning the previous daemon's kernel record")?;
-    Ok(())
+    Ok(None)
 }
 
 /// `tandem daemon`: runs until `tandem down`.
@@ -277,7 +330,8 @@ pub fn run_daemon(config: Config) -> Result<()> {
     meta_file.expect(u128::from(config.volume_id), config.node, &config.geometry)?;
     // It comes back secondary (the core demotes a crashed node): see `kernel_frontend`.
     let died_primary = !meta.clean && meta.role == tandem_core::Role::Primary;
-    recover_kernel_record(&config, &mut meta_file, &mut meta)?;
+    let surviving = plan.and_then(|p| p.surviving_device());
+    let kept = recover_kernel_record(&config, &mut meta_file, &mut meta, surviving.as_deref())?;
     let generation = meta.generations.current;
     let (inbox, rx) = channel();
     // The store and the links put their completions and messages straight into the node's
@@ -308,8 +362,7 @@ pub fn run_daemon(config: Config) -> Result<()> {
     let edges = RealEdges {
         frontend: frontend_view.clone(),
         store: store.clone(),
-        net: Arc::new(net),
-        flush_queued: Arc::new(AtomicBool::new(false)),
+        links: Links::new(net, inbox.clone()),
         device: device.clone(),
         inbox: inbox.clone(),
     };
@@ -360,15 +413,18 @@ pub fn run_daemon(config: Config) -> Result<()> {
         geometry: config.geometry,
         generation,
     };
-    let record = kernel_record::start(config.record, &spec)
-        .with_context(|| format!("record = \"{}\" in {}", config.record, config.file.display()))?;
+    let record = match kept {
+        Some(record) => Record::Kernel(Box::new(Clearing::new(record, &config.geometry))),
+        None => kernel_record::start(config.record, &spec)
+            .with_context(|| format!("record = \"{}\" in {}", config.record, config.file.display()))?,
+    };
     match &record {
         Record::Kernel(c) => {
             let view = c.view();
             let (flavor, dir) = (view.flavor.unwrap_or_default(), view.pin_dir.unwrap_or_default());
             tracing::info!(%flavor, pin = %dir, device = %device_path, "recording writes in the kernel map");
             if let Some(why) = view.reason {
-                tracing::warn!(%why, "BPF write recording uses the classic tracepoints");
+                tracing::warn!(%why, "BPF write recording with limits");
             }
         }
         Record::Memory { reason } => {

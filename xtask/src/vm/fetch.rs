@@ -114,6 +114,20 @@ pub fn guest(cache: &Path, refresh: bool) -> Result<Guest> {
     })
 }
 
+/// A bookworm package (e.g. `drbd-utils` for `cargo xtask vm-bench`) fetched with the same
+/// private apt configuration and unpacked with `dpkg -x` into `cache/<package>`, reused once
+/// stamped. Returns that directory and the bytes downloaded (0 when it came from the cache).
+pub fn package(cache: &Path, package: &str, refresh: bool) -> Result<(PathBuf, u64)> {
+    fs::create_dir_all(cache).with_context(|| format!("creating the VM cache {}", cache.display()))?;
+    let dir = cache.join(package);
+    let mut downloaded = 0;
+    if refresh || stamp(&dir).is_none() {
+        let mut apt = PrivateApt::new(cache.join("apt"));
+        downloaded = fetch_package(&mut apt, package, None, &dir)?;
+    }
+    Ok((dir, downloaded))
+}
+
 /// The content of `dir`'s stamp file, if the tree is complete.
 fn stamp(dir: &Path) -> Option<String> {
     fs::read_to_string(dir.join(STAMP)).ok()

@@ -9,6 +9,7 @@
 //! configuration and are unpacked under `target/vm-cache` (see [`fetch`]); nothing is
 //! installed on the host but the few tools the guest borrows from it (kmod, dmsetup, ...).
 
+pub mod bench;
 mod fetch;
 mod initramfs;
 mod qemu;
@@ -63,6 +64,10 @@ pub struct VmTestArgs {
     /// Where downloads and unpacked packages are kept
     #[arg(long, default_value_os_t = workspace_root().join("target/vm-cache"))]
     pub cache: PathBuf,
+    /// Where the boots' directories go (cleared first); `target/vm-test` when None. `vm-bench`
+    /// uses its own, so that a vm-test run beside it cannot clear or overwrite its results.
+    #[arg(skip)]
+    pub runs: Option<PathBuf>,
 }
 
 /// Why the VM test cannot run here: printed as a SKIP line, exit 0 (unless `--require`).
@@ -116,7 +121,7 @@ fn run_inner(args: &VmTestArgs) -> Result<()> {
         &initramfs::Settings { release: &guest.release, modules: &guest.modules, modprobe: MODPROBE },
     )?;
 
-    let runs = workspace_root().join("target/vm-test");
+    let runs = args.runs.clone().unwrap_or_else(|| workspace_root().join("target/vm-test"));
     if runs.exists() {
         // A previous run's boot-2 must not be mistaken for this run's.
         std::fs::remove_dir_all(&runs).with_context(|| format!("clearing {}", runs.display()))?;

@@ -235,8 +235,29 @@ impl Mounted {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
+        // A mount left behind keeps writing (journal commits, lazy inode-table init) under
+        // whatever the test does next: retry a busy unmount, and say so if it never goes.
+        for _ in 0..50 {
+            match Command::new("umount").arg(&self.0).output() {
+                Ok(o) if o.status.success() => return,
+                Ok(o) if !is_mounted(&self.0) => return eprintln!("umount {}: {}", self.0.display(), lossy(&o.stderr)),
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+        eprintln!("umount {}: still mounted after 5 s", self.0.display());
     }
+}
+
+fn is_mounted(at: &Path) -> bool {
+    let at = at.canonicalize().unwrap_or_else(|_| at.to_owned());
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(at.to_string_lossy().as_ref()))
+}
+
+fn lossy(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).trim().to_owned()
 }
 
 /// (name, content fingerprint) of every file in `dir`, sorted.

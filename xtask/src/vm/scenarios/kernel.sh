@@ -14,6 +14,7 @@
 W=/tmp/tandem-kernel
 mkdir -p "$W/mnt" "$W/lvm"
 cd "$W"
+. "$(dirname "$0")/lib.sh"
 started=$(date +%s)
 
 step() {
@@ -105,7 +106,7 @@ done
 tandem 0 up --log "$W/node0.log" | tee up0.out
 tandem 1 up --log "$W/node1.log" | tee up1.out
 pid0=$(daemon_pid up0.out)
-tandem 0 primary
+retry_handshake tandem 0 primary
 timeout 120 "$TANDEM" -c "$W/node0.toml" status --watch
 tandem 0 status --json > status0.json
 grep -q '"device": "/dev/mapper/tandem-vol0"' status0.json
@@ -168,9 +169,15 @@ step "restart node 0: it re-attaches to $ublk0 once primary again"
 restart_started=$(date +%s)
 tandem 0 up --log "$W/node0.log" | tee up0b.out
 pid0=$(daemon_pid up0b.out)
+# The ublk device (and its diskseq) survived the kill: the restarted daemon keeps the pinned
+# programs recording it instead of unpinning and loading again (a window without marks).
+if ! grep -q "the device survived the previous daemon" "$W/node0.log"; then
+    echo "the restarted daemon did not keep the pinned kernel record of its surviving device"
+    exit 1
+fi
 tandem 0 status
 timeout 120 "$TANDEM" -c "$W/node0.toml" status --watch
-tandem 0 primary
+retry_handshake tandem 0 primary
 wait "$writer"
 wait "$late"
 cat writer.out late.out
@@ -202,7 +209,7 @@ vgchange -q -an $side0 tvg
 timeout 120 "$TANDEM" -c "$W/node0.toml" status --watch
 kill -9 "$pid0"
 wait_for "node 1 to lose node 0" sh -c "! '$TANDEM' -c '$W/node1.toml' status | grep -q 'connection:Connected'"
-tandem 1 primary
+retry_handshake tandem 1 primary
 tandem 1 status
 # shellcheck disable=SC2086
 pvs $side1

@@ -5,6 +5,7 @@
 # ext4 on the primary's, writes files and checks them after a remount and with `tandem verify`
 # against the secondary; `tandem down` removes the tables.
 # Run by `sh -eu` with TANDEM set to the host-built binary; no udev here (DM_DISABLE_UDEV=1).
+. "$(dirname "$0")/lib.sh"
 : "${TANDEM:?TANDEM must name the tandem binary}"
 W=/tmp/tandem-smoke
 mkdir -p "$W/mnt"
@@ -83,7 +84,7 @@ TOML
 done
 tandem 0 up --log "$W/node0.log"
 tandem 1 up --log "$W/node1.log"
-tandem 0 primary
+retry_handshake tandem 0 primary
 timeout 120 "$TANDEM" -c "$W/node0.toml" status --watch
 # The user-facing device comes first; the frontend's own follows under "frontend".
 device=$(tandem 0 status --json | sed -n 's/^ *"device": *"\([^"]*\)".*/\1/p' | head -n 1)

@@ -1,0 +1,245 @@
+# Guest script of `cargo xtask vm-bench`: the bench table on the real kernel path.
+# Every row runs the same three fio jobs (those of `cargo xtask bench`) on a device whose
+# backing is a brd RAM disk of the same size (one /dev/ramN per device: rows never share a
+# disk; a later round reuses its row's disks):
+#   raw          fio straight on /dev/ram0
+#   tandem-alone one tandem daemon without a peer (memory mode): the frontend's own cost
+#   tandem-memory, tandem-disk
+#                two tandem daemons over 127.0.0.1 with frontend = "ublk", fio on the
+#                primary's /dev/mapper/tandem-vol0 (dm linear over /dev/ublkbN)
+#   drbd-C, drbd-B
+#                two in-kernel DRBD 8.4 resources over 127.0.0.1, fio on the primary's
+#                /dev/drbdN; both sides start from zeroed RAM disks, so the initial sync is
+#                skipped with `new-current-uuid --clear-bitmap` (DRBD's documented way)
+# The rows run ROUNDS times, every other round in reverse order. fio's JSON goes to
+# $OUT/<row>-<job>-r<round>.json; the host reads it and prints the ratios.
+# Run by `sh -eu` with TANDEM, DRBD_UTILS (drbd-utils unpacked with dpkg -x), OUT, RUNTIME
+# (seconds per job), SIZE_MIB (the device size), REGION_MIB (fio's --size) and ROUNDS set.
+. "$(dirname "$0")/lib.sh"
+: "${TANDEM:?TANDEM must name the tandem binary}"
+: "${DRBD_UTILS:?DRBD_UTILS must name the unpacked drbd-utils}"
+: "${OUT:?OUT must name the results directory}"
+: "${RUNTIME:?RUNTIME must give each fio job's seconds}"
+: "${SIZE_MIB:?SIZE_MIB must give the devices' size}"
+: "${REGION_MIB:?REGION_MIB must give fio's region}"
+: "${ROUNDS:?ROUNDS must give how many times each row runs}"
+W=/tmp/tandem-bench
+mkdir -p "$W" "$OUT"
+cd "$W"
+started=$(date +%s)
+
+step() {
+    echo "== bench: [$(($(date +%s) - started)) s] $*"
+}
+
+on_exit() {
+    status=$?
+    if [ "$status" -ne 0 ]; then
+        echo "== bench: FAILED (exit status $status)"
+        for log in "$W"/*.log; do
+            [ -f "$log" ] && { echo "--- $log"; tail -n 40 "$log"; }
+        done
+        cat /proc/drbd 2>/dev/null || true
+        dmsetup table 2>/dev/null || true
+    fi
+}
+trap on_exit EXIT
+
+# The jobs of xtask/src/bench.rs (JOBS), on one device: <row>-<qd1|qd32|seq>-r<round>.json. With
+# --lat_percentiles, because the latency that compares is submission + completion: brd
+# completes a bio inside io_submit, so its completion latency alone would be ~0.
+run_jobs() {
+    device=$1
+    row=$2
+    for job in qd1 qd32 seq; do
+        case $job in
+            qd1) args="--rw=randwrite --bs=4k --iodepth=1" ;;
+            qd32) args="--rw=randwrite --bs=4k --iodepth=32" ;;
+            seq) args="--rw=write --bs=1M --iodepth=4" ;;
+        esac
+        # shellcheck disable=SC2086
+        fio --name=bench --ioengine=libaio --direct=1 --time_based --output-format=json --lat_percentiles=1 \
+            --filename="$device" --runtime="$RUNTIME" --size="${REGION_MIB}M" $args \
+            > "$OUT/$row-$job-r$round.json.partial"
+        mv "$OUT/$row-$job-r$round.json.partial" "$OUT/$row-$job-r$round.json"
+        # A progress line only (the host parses the JSON): python3 is the host's, if it has one.
+        command -v python3 > /dev/null || continue
+        python3 -c 'import json, sys
+w = json.load(open(sys.argv[1]))["jobs"][0]["write"]
+print("   %s: %.0f IOPS, %.1f MiB/s, p50 %.1f us" % (sys.argv[2], w["iops"], w["bw"] / 1024, w["lat_ns"]["percentile"]["50.000000"] / 1000))' \
+            "$OUT/$row-$job-r$round.json" "$row $job"
+    done
+}
+
+wait_for() {
+    what=$1
+    shift
+    for _ in $(seq 1 1200); do
+        if "$@" > /dev/null 2>&1; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "timed out after 120 s waiting for $what"
+    return 1
+}
+
+step "kernel $(uname -r); $(fio --version); brd: 10 RAM disks of $SIZE_MIB MiB; fio region $REGION_MIB MiB, $RUNTIME s per job"
+# ram0 raw; ram1/ram2 tandem memory; ram3/ram4 tandem disk; ram5/ram6 DRBD C; ram7/ram8 DRBD B;
+# ram9 tandem without a peer.
+modprobe brd rd_nr=10 rd_size=$((SIZE_MIB * 1024))
+modprobe ublk_drv
+modprobe dm_mod
+modprobe drbd
+head -n 1 /proc/drbd
+{
+    echo "kernel=$(uname -r)"
+    echo "fio=$(fio --version)"
+    echo "drbd=$(head -n 1 /proc/drbd)"
+    echo "cpus=$(nproc)"
+} > "$OUT/info"
+
+# brd allocates a page on the first write to it: fill fio's region of every disk first, so
+# that no row pays for allocation and none is measured on pages another row already paid for.
+for n in 0 1 2 3 4 5 6 7 8 9; do
+    dd if=/dev/zero of=/dev/ram$n bs=1M count="$REGION_MIB" oflag=direct status=none
+done
+free -m
+
+
+# --- Tandem: two daemons over loopback, ublk frontend, each row on fresh RAM disks.
+tandem_row() {
+    mode=$1
+    d0=$2
+    d1=$3
+    port=$4
+    row=$5
+    if [ -n "$d1" ]; then peer_said="node 1 on $d1"; else peer_said="no peer"; fi
+    step "$row: mode $mode, node 0 on $d0, $peer_said; frontend ublk"
+    nodes="0 1"
+    [ -n "$d1" ] || nodes=0
+    rm -f "$W/$row"*
+    for id in $nodes; do
+        peer=$((1 - id))
+        if [ "$id" = 0 ]; then data=$d0; dm=tandem-vol0; else data=$d1; dm=tandem-vol0-n1; fi
+        cat > "${row}$id.toml" <<TOML
+[volume]
+name = "vol0"
+id = 11
+size = "${SIZE_MIB}MiB"
+mode = "$mode"
+secret = "vm-bench secret, 16+ bytes long"
+
+[node]
+id = $id
+data = "$data"
+meta = "$W/${row}$id.meta"
+listen = "127.0.0.1:$((port + id))"
+control = "$W/${row}$id.sock"
+frontend = "ublk"
+dm_name = "$dm"
+record_pin = "bench-${row}$id"
+
+TOML
+        if [ -n "$d1" ]; then
+            printf '\n[[peer]]\nid = %s\naddress = "127.0.0.1:%s"\n' "$peer" "$((port + peer))" >> "${row}$id.toml"
+        fi
+        "$TANDEM" -c "${row}$id.toml" create-md > /dev/null
+    done
+    "$TANDEM" -c "${row}0.toml" up --log "$W/$row-node0.log" > /dev/null
+    [ -z "$d1" ] || "$TANDEM" -c "${row}1.toml" up --log "$W/$row-node1.log" > /dev/null
+    retry_handshake "$TANDEM" -c "${row}0.toml" primary
+    timeout 120 "$TANDEM" -c "${row}0.toml" status --watch > /dev/null
+    "$TANDEM" -c "${row}0.toml" status
+    run_jobs /dev/mapper/tandem-vol0 "$row"
+    "$TANDEM" -c "${row}0.toml" secondary
+    [ -z "$d1" ] || "$TANDEM" -c "${row}1.toml" down
+    "$TANDEM" -c "${row}0.toml" down
+}
+
+# --- DRBD 8.4 (the kernel's module) with drbd-utils unpacked from Debian's package: its
+# binaries go into this guest's tmpfs overlay at the paths drbdadm expects (/lib/drbd for the
+# 8.4 helpers); nothing reaches the host.
+# drbdmeta locks /var/lock/drbd-<major>-<minor>: /var/lock is /run/lock, and /run is a fresh tmpfs.
+mkdir -p /usr/lib/drbd /var/lib/drbd /run/drbd /run/lock
+cp -a "$DRBD_UTILS/lib/drbd/." /usr/lib/drbd/
+cp -a "$DRBD_UTILS/sbin/." /usr/sbin/
+
+# Two resources on one host: a resource has exactly one `on` section naming this host, so
+# side a and side b are separate resources whose addresses point at each other.
+drbd_row() {
+    protocol=$1
+    minor=$2
+    d0=$3
+    d1=$4
+    port=$5
+    step "DRBD protocol $protocol: /dev/drbd$minor on $d0, /dev/drbd$((minor + 1)) on $d1, over 127.0.0.1"
+    host=$(uname -n)
+    cat > "drbd-$protocol.conf" <<CONF
+global { usage-count no; }
+resource p$protocol-a {
+    net { protocol $protocol; }
+    device /dev/drbd$minor;
+    disk $d0;
+    meta-disk internal;
+    on $host { address 127.0.0.1:$port; }
+    on side-b { address 127.0.0.1:$((port + 1)); }
+}
+resource p$protocol-b {
+    net { protocol $protocol; }
+    device /dev/drbd$((minor + 1));
+    disk $d1;
+    meta-disk internal;
+    on $host { address 127.0.0.1:$((port + 1)); }
+    on side-a { address 127.0.0.1:$port; }
+}
+CONF
+    conf=$W/drbd-$protocol.conf
+    for d in $d0 $d1; do
+        # A previous round's metadata (internal: the end of the disk, outside fio's region).
+        dd if=/dev/zero of="$d" bs=1M seek=$((SIZE_MIB - 4)) count=4 oflag=direct status=none
+    done
+    for side in a b; do
+        drbdadm -c "$conf" -- --force create-md "p$protocol-$side"
+        drbdadm -c "$conf" up "p$protocol-$side"
+    done
+    wait_for "DRBD to connect" sh -c "drbdadm -c '$conf' cstate p$protocol-a | grep -qx Connected"
+    drbdadm -c "$conf" dstate "p$protocol-a"
+    # Both sides are zeroed RAM disks, identical: no initial sync needed.
+    drbdadm -c "$conf" -- --clear-bitmap new-current-uuid "p$protocol-a"
+    wait_for "both DRBD sides UpToDate" sh -c "drbdadm -c '$conf' dstate p$protocol-a | grep -qx UpToDate/UpToDate"
+    drbdadm -c "$conf" primary "p$protocol-a"
+    cat /proc/drbd
+    run_jobs "/dev/drbd$minor" "drbd-$protocol"
+    cat /proc/drbd
+    drbdadm -c "$conf" secondary "p$protocol-a"
+    drbdadm -c "$conf" down "p$protocol-a"
+    drbdadm -c "$conf" down "p$protocol-b"
+}
+run_row() {
+    case $1 in
+        raw) step "raw: /dev/ram0"; run_jobs /dev/ram0 raw ;;
+        # Without a peer: what the ublk frontend and the daemon cost before any replication.
+        tandem-alone) tandem_row memory /dev/ram9 "" 7794 tandem-alone ;;
+        tandem-memory) tandem_row memory /dev/ram1 /dev/ram2 7790 tandem-memory ;;
+        tandem-disk) tandem_row disk /dev/ram3 /dev/ram4 7792 tandem-disk ;;
+        drbd-C) drbd_row C 10 /dev/ram5 /dev/ram6 7800 ;;
+        drbd-B) drbd_row B 20 /dev/ram7 /dev/ram8 7810 ;;
+    esac
+}
+
+# Odd rounds in this order, even rounds reversed: a slow drift of the host's load (TCG runs on
+# shared cores) then weighs on every row alike, and raw is measured first and last.
+ORDER="raw tandem-alone tandem-memory tandem-disk drbd-C drbd-B"
+REVERSED=$(echo "$ORDER" | tr ' ' '\n' | tac | tr '\n' ' ')
+round=1
+while [ "$round" -le "$ROUNDS" ]; do
+    if [ $((round % 2)) = 1 ]; then rows=$ORDER; else rows=$REVERSED; fi
+    step "round $round of $ROUNDS: $rows"
+    for row in $rows; do
+        run_row "$row"
+    done
+    round=$((round + 1))
+done
+step "done"
+echo "== bench: PASSED"
