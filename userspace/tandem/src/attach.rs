@@ -198,13 +198,7 @@ struct AttachEdges {
 
 impl Edges for AttachEdges {
     fn submit_io(&mut self, action: Action) {
-        let io = match &action {
-            Action::WriteLocal { io, .. }
-            | Action::ReadLocal { io, .. }
-            | Action::Harden { io, .. }
-            | Action::PersistMeta { io, .. } => *io,
-            _ => return,
-        };
+        let Some(io) = action.local_io() else { return };
         if self.io.jobs.send(action).is_err() {
             let _ = self.inbox.send(Input::IoDone { io, result: Err(IoError("the I/O thread stopped".into())) });
         }

@@ -130,13 +130,7 @@ struct RealEdges {
 
 impl Edges for RealEdges {
     fn submit_io(&mut self, action: Action) {
-        let io = match &action {
-            Action::WriteLocal { io, .. }
-            | Action::ReadLocal { io, .. }
-            | Action::Harden { io, .. }
-            | Action::PersistMeta { io, .. } => *io,
-            _ => return,
-        };
+        let Some(io) = action.local_io() else { return };
         if let Err(e) = self.store.submit_action(action) {
             // A refused op never completes by itself: the node must still hear of it.
             let _ = self.inbox.send(Input::IoDone { io, result: Err(IoError(e.to_string())) });

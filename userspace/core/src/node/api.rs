@@ -166,6 +166,20 @@ pub enum Action {
     },
 }
 
+impl Action {
+    /// The local I/O this action asks for (its completion comes back as `Event::IoDone`), if
+    /// it is one: the edges that carry it out must report a refusal against this id.
+    pub fn local_io(&self) -> Option<IoId> {
+        match self {
+            Action::WriteLocal { io, .. }
+            | Action::ReadLocal { io, .. }
+            | Action::Harden { io, .. }
+            | Action::PersistMeta { io, .. } => Some(*io),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
 #[error("{0}")]
 pub struct IoError(pub String);
