@@ -37,8 +37,8 @@ pub use fuse::set_io_flusher;
 pub use loopdev::{attach_loop, attach_loop_with, LoopDevice, LoopOptions};
 pub use mount::{mount, FileFrontend, FileFrontendOptions, Mounted};
 pub use ublk::{
-    device_state, private_mount_namespace, stop_device, unavailable as ublk_unavailable, UblkDevice, UblkFrontend,
-    UblkOptions, UblkStart, UblkState, UBLK_CONTROL,
+    device_state, private_mount_namespace, stop_device, unavailable as ublk_unavailable, Change, Done, UblkBackend,
+    UblkDevice, UblkFrontend, UblkOptions, UblkStart, UblkState, UBLK_CONTROL,
 };
 
 #[cfg(test)]

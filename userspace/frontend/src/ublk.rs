@@ -2,10 +2,17 @@
 //! (Linux >= 6.0; user recovery since 6.1) with the `libublk` crate.
 //!
 //! Shape: one libublk queue thread per hardware queue, each running one async task per tag on
-//! the queue's own io_uring (libublk's per-tag model). [`BlockBackend`] calls are blocking, so
-//! a task hands its request to a shared pool of worker threads and waits for the answer with an
-//! eventfd read submitted on the queue's ring: the queue thread never blocks on the volume and
-//! keeps every tag in flight, and a completion wakes the ring at once.
+//! the queue's own io_uring (libublk's per-tag model), and no thread in between: the volume is
+//! a non-blocking [`UblkBackend`] driven from the queue threads themselves. A read is served on
+//! the queue's ring, from the file the backend names ([`UblkBackend::read_source`]) straight
+//! into the tag's buffer, which the kernel then copies to the request: no hand-off, no copy of
+//! ours. A request that changes the volume is passed to [`UblkBackend::submit`] with the data
+//! borrowed from the tag's buffer and a [`Done`] to complete it with; the tag then waits on an
+//! eventfd read submitted on the same ring, which is how a completion from any other thread (the
+//! daemon's event loop, say) wakes a queue thread that sleeps in its ring. A request completed
+//! before `submit` returns is answered without waiting at all. Compared with a pool of threads
+//! making blocking calls, this saves two thread wake-ups and two copies of the data per request,
+//! and the queue thread still never blocks on the volume.
 //!
 //! Devices are created with `UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE`: when the
 //! serving process dies (kill -9, crash, upgrade), the kernel quiesces the device instead of
@@ -17,25 +24,153 @@
 //! libublk's control ring is thread-local: a [`UblkCtrl`] must be used on the thread that made
 //! it, which is why [`stop_device`] builds its own.
 
+use std::fmt;
+use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use bytes::Bytes;
-use crossbeam_channel::{Receiver, Sender};
 use io_uring::{opcode, types};
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::helpers::IoBuf;
 use libublk::io::{UblkDev, UblkQueue};
 use libublk::{BufDesc, UblkError, UblkFlags};
 
-use crate::backend::{check_geometry, BlockBackend};
 use crate::error::{BackendError, FrontendError, Result};
 
 /// The ublk control device; present once `ublk_drv` is loaded.
 pub const UBLK_CONTROL: &str = "/dev/ublk-control";
+
+/// A volume served from the ublk queue threads: nothing here may block for long.
+///
+/// Every call comes from a queue thread, which serves all the requests of its queue: a call that
+/// blocks stalls them all. Reads never reach the backend as calls: the frontend reads
+/// [`read_source`](Self::read_source) itself, on the queue's io_uring. Everything that changes
+/// the volume goes through [`submit`](Self::submit), which starts the change and returns; the
+/// request completes when its [`Done`] is completed, from whatever thread finishes it.
+///
+/// Offsets and lengths are multiples of the logical block size (512 bytes at least) inside
+/// [`size`](Self::size).
+///
+/// Deadlock rule (as for [`crate::BlockBackend`]): the queue threads carry `PR_SET_IO_FLUSHER`
+/// and the kernel may need them to make progress on writeback; an implementation must not wait
+/// on the page cache of the device it serves, and the threads that complete requests should call
+/// [`crate::set_io_flusher`] too.
+pub trait UblkBackend: Send + Sync + 'static {
+    /// Size of the volume in bytes: a positive multiple of `block_size()`. Must not change
+    /// while served.
+    fn size(&self) -> u64;
+
+    /// Logical block size in bytes: a power of two in 512..=4096 (the kernel's ublk driver
+    /// takes none bigger than a page).
+    fn block_size(&self) -> u32;
+
+    /// The open file reads are served from, on the queue's own ring (at the request's byte
+    /// offset: the file holds the volume from its offset 0); or why reads fail now (e.g. a
+    /// secondary node: a [`BackendError`] whose errno the request fails with). Asked once per
+    /// read request. The descriptor must stay open while the device is served.
+    ///
+    /// Reads see what the file holds: a write must be in the file (its page cache is enough)
+    /// before its [`Done`] completes, or a read that follows may miss it.
+    fn read_source(&self) -> std::result::Result<RawFd, BackendError>;
+
+    /// Starts a request that changes the volume. Must not block for long; `done` is completed
+    /// exactly once, from any thread, possibly before this returns (see [`Done`]). The write
+    /// data is borrowed for this call only: a backend that needs it later copies it.
+    fn submit(&self, change: Change<'_>, done: Done);
+}
+
+/// A request that changes the volume, as [`UblkBackend::submit`] gets it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Change<'a> {
+    /// Write `data` at `offset`; complete once it is acknowledged per the volume's mode. `fua`:
+    /// complete only once the write is hardened (per the mode), as after a flush.
+    Write {
+        /// Byte offset in the volume.
+        offset: u64,
+        /// The data, borrowed from the request's buffer for the call to `submit` only.
+        data: &'a [u8],
+        /// Forced unit access.
+        fua: bool,
+    },
+    /// Every write completed before this was submitted must be hardened (per the mode) when
+    /// this completes.
+    Flush,
+    /// Deallocate a range. Afterwards the range **must read back as zeros**: write-zeroes
+    /// without `REQ_NOUNMAP` comes here too.
+    Discard {
+        /// Byte offset in the volume.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// Write zeros over a range, keeping it allocated (`REQ_OP_WRITE_ZEROES` with
+    /// `REQ_NOUNMAP`).
+    WriteZeroes {
+        /// Byte offset in the volume.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+}
+
+impl fmt::Debug for Change<'_> {
+    /// Without the write's bytes: the length only.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Change::Write { offset, data, fua } => {
+                f.debug_struct("Write").field("offset", offset).field("len", &data.len()).field("fua", fua).finish()
+            }
+            Change::Flush => f.write_str("Flush"),
+            Change::Discard { offset, len } => {
+                f.debug_struct("Discard").field("offset", offset).field("len", len).finish()
+            }
+            Change::WriteZeroes { offset, len } => {
+                f.debug_struct("WriteZeroes").field("offset", offset).field("len", len).finish()
+            }
+        }
+    }
+}
+
+/// Completes one request: call [`complete`](Self::complete) exactly once, from any thread.
+/// Dropped without `complete`, it completes the request with `EIO` (so a lost request never
+/// hangs its tag).
+///
+/// Completing stores the result where the request's tag looks and writes the tag's eventfd,
+/// which ends the eventfd read the tag waits on in its queue's ring. A `Done` completed after
+/// its device stopped serving completes nothing, harmlessly.
+pub struct Done {
+    /// Taken by the completion; `None` afterwards.
+    tag: Option<Arc<TagShared>>,
+}
+
+impl Done {
+    /// Completes the request with `result`: `Ok` is success (a write's full length), an error
+    /// fails the request with its errno.
+    pub fn complete(mut self, result: std::result::Result<(), BackendError>) {
+        if let Some(tag) = self.tag.take() {
+            tag.finish(result);
+        }
+    }
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        if let Some(tag) = self.tag.take() {
+            tracing::error!("ublk: a request's Done was dropped without completing it: failing it with EIO");
+            tag.finish(Err(BackendError::io("the volume dropped a ublk request without completing it")));
+        }
+    }
+}
+
+impl fmt::Debug for Done {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Done").field("completed", &self.tag.is_none()).finish()
+    }
+}
 
 /// How a ublk device is laid out and served.
 #[derive(Clone, Debug)]
@@ -47,15 +182,12 @@ pub struct UblkOptions {
     /// The largest request in bytes (the kernel splits bigger ones): a multiple of 4096 up to
     /// 1 MiB. Default 512 KiB.
     pub max_io_bytes: u32,
-    /// Threads that make the blocking [`BlockBackend`] calls, shared by all queues: how many
-    /// requests the volume sees at once. Default 32.
-    pub workers: usize,
 }
 
 impl Default for UblkOptions {
     fn default() -> Self {
         let cpus = thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        Self { queues: cpus.clamp(1, 4) as u16, depth: 64, max_io_bytes: 512 << 10, workers: 32 }
+        Self { queues: cpus.clamp(1, 4) as u16, depth: 64, max_io_bytes: 512 << 10 }
     }
 }
 
@@ -76,9 +208,6 @@ impl UblkOptions {
                 "max_io_bytes {} is not a multiple of 4096 and of the block size {block_size} in 4 KiB..=1 MiB",
                 self.max_io_bytes
             ));
-        }
-        if self.workers == 0 {
-            return Err("workers must be at least 1".into());
         }
         Ok(())
     }
@@ -120,14 +249,14 @@ pub fn unavailable() -> Option<String> {
 
 /// Serves one volume as a ublk block device.
 pub struct UblkFrontend {
-    backend: Arc<dyn BlockBackend>,
+    backend: Arc<dyn UblkBackend>,
     options: UblkOptions,
 }
 
 impl UblkFrontend {
     /// Checks the volume's geometry and the options; touches no device yet.
-    pub fn new(backend: Arc<dyn BlockBackend>, options: UblkOptions) -> Result<Self> {
-        check_geometry(backend.as_ref()).map_err(FrontendError::Geometry)?;
+    pub fn new(backend: Arc<dyn UblkBackend>, options: UblkOptions) -> Result<Self> {
+        check_geometry(backend.size(), backend.block_size()).map_err(FrontendError::Geometry)?;
         options.check(backend.block_size()).map_err(FrontendError::Options)?;
         Ok(Self { backend, options })
     }
@@ -165,21 +294,19 @@ impl UblkFrontend {
             .build()
             .map_err(|e| ublk_error(if id < 0 { "ADD_DEV" } else { "open the device for recovery" }, e))?;
 
-        let (jobs, pool) = WorkerPool::start(self.backend.clone(), self.options.workers)?;
+        let backend = self.backend.clone();
         let size = self.backend.size();
         let block_size = self.backend.block_size();
         let target = move |dev: &mut UblkDev| {
             set_params(dev, size, block_size);
             Ok(())
         };
-        let queue = move |qid: u16, dev: &UblkDev| serve_queue(qid, dev, &jobs);
+        let queue = move |qid: u16, dev: &UblkDev| serve_queue(qid, dev, &backend);
         let on_live = move |ctrl: &UblkCtrl| {
             let id = ctrl.dev_info().dev_id;
             ready(&UblkDevice { id, block_device: PathBuf::from(format!("/dev/ublkb{id}")) });
         };
         let served = ctrl.run_target(target, queue, on_live).map_err(|e| ublk_error("serve", e));
-        // The queues are down: no request is waiting on the pool any more.
-        pool.stop();
         // A device we recovered is not ours to delete on drop (libublk deletes only devices it
         // added), but an orderly end of serving removes it either way.
         if let Err(e) = ctrl.del_dev() {
@@ -187,6 +314,18 @@ impl UblkFrontend {
         }
         served.map(|_| ())
     }
+}
+
+/// The geometry ublk can serve: a block size the kernel's driver takes (a power of two from
+/// 512 to a page; 4096 is the smallest page) and a size that is a positive multiple of it.
+fn check_geometry(size: u64, block_size: u32) -> std::result::Result<(), String> {
+    if !(512..=4096).contains(&block_size) || !block_size.is_power_of_two() {
+        return Err(format!("block size {block_size} is not a power of two in 512..=4096 (ublk)"));
+    }
+    if size == 0 || !size.is_multiple_of(u64::from(block_size)) {
+        return Err(format!("size {size} is not a positive multiple of the block size {block_size}"));
+    }
+    Ok(())
 }
 
 /// Stops device `id` from any thread: its serving threads see the queues go down and
@@ -342,7 +481,7 @@ fn set_params(dev: &mut UblkDev, size: u64, block_size: u32) {
 }
 
 /// One queue thread: a task per tag on a local executor, driven by the queue's io_uring.
-fn serve_queue(qid: u16, dev: &UblkDev, jobs: &Sender<Job>) {
+fn serve_queue(qid: u16, dev: &UblkDev, backend: &Arc<dyn UblkBackend>) {
     crate::fuse::ensure_io_flusher();
     let queue = match UblkQueue::new(qid, dev) {
         Ok(queue) => Rc::new(queue),
@@ -355,23 +494,31 @@ fn serve_queue(qid: u16, dev: &UblkDev, jobs: &Sender<Job>) {
     let max_io_bytes = dev.dev_info.max_io_buf_bytes as usize;
     let mut tasks = Vec::new();
     for tag in queue.tags() {
-        let tag_state = match TagState::new() {
-            Ok(state) => state,
+        let shared = match TagShared::new() {
+            Ok(shared) => Arc::new(shared),
             Err(e) => {
                 tracing::error!("ublk queue {qid} tag {tag}: eventfd: {e}");
                 return;
             }
         };
         let queue = queue.clone();
-        let jobs = jobs.clone();
+        let backend = backend.clone();
         tasks.push(executor.spawn(async move {
-            match serve_tag(&queue, tag, max_io_bytes, &tag_state, &jobs).await {
+            // The ring writes into this memory (request data, the eventfd's counter) and the
+            // ring outlives the task. If the task is dropped while one of its operations is
+            // still in flight (the executor torn down after an error), the memory must stay
+            // valid: `ManuallyDrop` leaks it then. It is freed only when `serve_tag` has
+            // returned, with nothing of this tag's left on the ring.
+            let mut memory =
+                ManuallyDrop::new(TagMemory { buffer: IoBuf::new(max_io_bytes), counter: Box::new([0; 8]) });
+            let tag_io = TagIo { queue: &queue, backend: backend.as_ref(), shared: &shared };
+            match serve_tag(&tag_io, tag, &mut memory).await {
                 Ok(()) | Err(UblkError::QueueIsDown) => {}
                 Err(e) => tracing::error!("ublk queue {qid} tag {tag}: {e:?}"),
             }
-            // An eventfd read may still be in flight on the ring, which outlives this task:
-            // its 8-byte target must stay valid until the ring is torn down with the thread.
-            std::mem::forget(tag_state);
+            // SAFETY: dropped once, here, after `serve_tag` returned: every operation it
+            // submitted on the ring had completed (each one is awaited to its end).
+            unsafe { ManuallyDrop::drop(&mut memory) };
         }));
     }
     let ticker = executor.clone();
@@ -384,17 +531,15 @@ fn serve_queue(qid: u16, dev: &UblkDev, jobs: &Sender<Job>) {
     }));
 }
 
-/// What one tag needs to wait for the worker pool on the queue's ring.
-struct TagState {
-    /// Written by the worker that completes this tag's request.
-    eventfd: Arc<OwnedFd>,
-    /// Where the ring puts the eventfd's counter (boxed: the kernel writes here).
-    counter: Box<[u8; 8]>,
-    /// The worker's answer.
-    slot: Arc<Mutex<Option<Outcome>>>,
+/// What a tag shares with the [`Done`] of its request in flight.
+struct TagShared {
+    /// Written by whoever completes the tag's request; read on the queue's ring by the tag.
+    eventfd: OwnedFd,
+    /// The request's result, until the tag takes it.
+    slot: Mutex<Option<std::result::Result<(), BackendError>>>,
 }
 
-impl TagState {
+impl TagShared {
     fn new() -> std::io::Result<Self> {
         // SAFETY: eventfd(2) with constant flags; the new descriptor is owned below.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
@@ -402,168 +547,155 @@ impl TagState {
             return Err(std::io::Error::last_os_error());
         }
         // SAFETY: `fd` was just returned by eventfd(2) and is owned by nobody else.
-        let eventfd = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
-        Ok(Self { eventfd, counter: Box::new([0; 8]), slot: Arc::new(Mutex::new(None)) })
+        let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Self { eventfd, slot: Mutex::new(None) })
+    }
+
+    /// The result first, then the wake-up: a tag woken always finds it.
+    fn finish(&self, result: std::result::Result<(), BackendError>) {
+        let previous = self.slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).replace(result);
+        if previous.is_some() {
+            tracing::error!("ublk: a tag's result was overwritten before it was taken");
+        }
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live local buffer to a descriptor `self` owns.
+        let written = unsafe { libc::write(self.eventfd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        if written != 8 {
+            tracing::error!("ublk: waking a queue failed: {}", std::io::Error::last_os_error());
+        }
+    }
+
+    fn take(&self) -> Option<std::result::Result<(), BackendError>> {
+        self.slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take()
     }
 }
 
-/// The loop of one tag: fetch a request, have it served, commit the result and fetch the next.
-async fn serve_tag(
-    queue: &UblkQueue<'_>,
-    tag: u16,
-    max_io_bytes: usize,
-    state: &TagState,
-    jobs: &Sender<Job>,
-) -> std::result::Result<(), UblkError> {
-    let mut buffer = IoBuf::<u8>::new(max_io_bytes);
-    queue.submit_io_prep_cmd(tag, BufDesc::Slice(buffer.as_slice()), 0, Some(&buffer)).await?;
+/// The memory of one tag that the queue's ring writes into.
+struct TagMemory {
+    /// The request's data: the kernel copies a write's here before the request is fetched and
+    /// a read's from here when it is committed.
+    buffer: IoBuf<u8>,
+    /// Where the ring puts the eventfd's counter.
+    counter: Box<[u8; 8]>,
+}
+
+/// What a tag's requests are served with.
+struct TagIo<'a, 'q> {
+    queue: &'a UblkQueue<'q>,
+    backend: &'a dyn UblkBackend,
+    shared: &'a Arc<TagShared>,
+}
+
+/// The loop of one tag: fetch a request, serve it, commit the result and fetch the next.
+async fn serve_tag(io: &TagIo<'_, '_>, tag: u16, memory: &mut TagMemory) -> std::result::Result<(), UblkError> {
+    let queue = io.queue;
+    queue.submit_io_prep_cmd(tag, BufDesc::Slice(memory.buffer.as_slice()), 0, Some(&memory.buffer)).await?;
     loop {
         let iod = *queue.get_iod(tag);
-        let result = handle(queue, &iod, buffer.as_mut_slice(), state, jobs).await;
-        queue.submit_io_commit_cmd(tag, BufDesc::Slice(buffer.as_slice()), result).await?;
+        let result = handle(io, &iod, memory).await;
+        queue.submit_io_commit_cmd(tag, BufDesc::Slice(memory.buffer.as_slice()), result).await?;
     }
 }
 
 /// Serves one request; its result for the kernel: bytes transferred, 0, or -errno.
-async fn handle(
-    queue: &UblkQueue<'_>,
-    iod: &libublk::sys::ublksrv_io_desc,
-    buffer: &mut [u8],
-    state: &TagState,
-    jobs: &Sender<Job>,
-) -> i32 {
+async fn handle(io: &TagIo<'_, '_>, iod: &libublk::sys::ublksrv_io_desc, memory: &mut TagMemory) -> i32 {
     use libublk::sys;
     let op = iod.op_flags & 0xff;
     let flags = iod.op_flags & !0xff;
     let offset = iod.start_sector << 9;
-    let len = iod.nr_sectors << 9;
-    if len as usize > buffer.len() && matches!(op, sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE) {
+    let len = u64::from(iod.nr_sectors) << 9;
+    if len > memory.buffer.len() as u64 && matches!(op, sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE) {
         return -libc::EINVAL;
     }
-    let request = match op {
-        sys::UBLK_IO_OP_READ => Request::Read { offset, len },
-        sys::UBLK_IO_OP_WRITE => {
-            Request::Write { offset, data: buffer[..len as usize].to_vec(), fua: flags & sys::UBLK_IO_F_FUA != 0 }
+    let change = match op {
+        sys::UBLK_IO_OP_READ => {
+            let source = match catch_unwind(AssertUnwindSafe(|| io.backend.read_source())) {
+                Ok(Ok(fd)) => fd,
+                Ok(Err(e)) => return -e.errno(),
+                Err(_) => {
+                    tracing::error!("ublk: the volume panicked naming its read source");
+                    return -libc::EIO;
+                }
+            };
+            return read_at(io.queue, source, offset, &mut memory.buffer.as_mut_slice()[..len as usize]).await;
         }
-        sys::UBLK_IO_OP_FLUSH => Request::Flush,
-        sys::UBLK_IO_OP_DISCARD => Request::Discard { offset, len: u64::from(len) },
+        sys::UBLK_IO_OP_WRITE => Change::Write {
+            offset,
+            data: &memory.buffer.as_slice()[..len as usize],
+            fua: flags & sys::UBLK_IO_F_FUA != 0,
+        },
+        sys::UBLK_IO_OP_FLUSH => Change::Flush,
+        sys::UBLK_IO_OP_DISCARD => Change::Discard { offset, len },
         // Without NOUNMAP the range may be deallocated, which the backend's discard does
         // (and it reads back as zeros, which is all write-zeroes promises).
-        sys::UBLK_IO_OP_WRITE_ZEROES if flags & sys::UBLK_IO_F_NOUNMAP == 0 => {
-            Request::Discard { offset, len: u64::from(len) }
-        }
-        sys::UBLK_IO_OP_WRITE_ZEROES => Request::WriteZeroes { offset, len: u64::from(len) },
+        sys::UBLK_IO_OP_WRITE_ZEROES if flags & sys::UBLK_IO_F_NOUNMAP == 0 => Change::Discard { offset, len },
+        sys::UBLK_IO_OP_WRITE_ZEROES => Change::WriteZeroes { offset, len },
         _ => return -libc::EOPNOTSUPP,
     };
-    let job = Job { request, slot: state.slot.clone(), eventfd: state.eventfd.clone() };
-    if jobs.send(job).is_err() {
-        return -libc::EIO;
+    if io.shared.take().is_some() {
+        // Cannot happen (each request's Done completes once and is taken once): but a stale
+        // result must not answer this request.
+        tracing::error!("ublk: a stale result was waiting for a new request");
     }
-    // Wait for the worker's eventfd write on this queue's ring: the executor sleeps in the
-    // ring, so a completion from another thread must arrive there to wake it.
-    let read = opcode::Read::new(types::Fd(state.eventfd.as_raw_fd()), state.counter.as_ptr() as *mut u8, 8).build();
-    let woken = queue.ublk_submit_sqe(read).await;
-    if woken < 0 {
-        tracing::error!("ublk: waiting for the volume's answer failed: errno {}", -woken);
-        return -libc::EIO;
+    let done = Done { tag: Some(io.shared.clone()) };
+    // A panicking backend must still answer, or the tag would wait forever: the `Done` it was
+    // given is dropped while unwinding (unless it was completed or sent off), failing with EIO.
+    if catch_unwind(AssertUnwindSafe(|| io.backend.submit(change, done))).is_err() {
+        tracing::error!("ublk: the volume panicked starting {change:?}");
     }
-    let outcome = state.slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
-    match outcome {
-        Some(Ok(Answer::Data(data))) => {
-            if data.len() != len as usize {
-                tracing::error!("ublk: the volume returned {} bytes for a {len}-byte read", data.len());
+    match wait_for_result(io, &mut memory.counter).await {
+        Ok(()) if op == sys::UBLK_IO_OP_WRITE => len as i32,
+        Ok(()) => 0,
+        Err(e) => -e.errno(),
+    }
+}
+
+/// Reads `buffer.len()` bytes of `fd` at `offset` into `buffer`, on the queue's ring: the
+/// length on success, -errno otherwise (-EIO for an end of file before the end).
+async fn read_at(queue: &UblkQueue<'_>, fd: RawFd, offset: u64, buffer: &mut [u8]) -> i32 {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        let rest = &mut buffer[filled..];
+        let read = opcode::Read::new(types::Fd(fd), rest.as_mut_ptr(), rest.len() as u32)
+            .offset(offset + filled as u64)
+            .build();
+        match queue.ublk_submit_sqe(read).await {
+            n if n < 0 => return n,
+            0 => {
+                tracing::error!(
+                    "ublk: the read source ended at {} reading {} bytes at {offset}",
+                    offset + filled as u64,
+                    buffer.len()
+                );
                 return -libc::EIO;
             }
-            buffer[..data.len()].copy_from_slice(&data);
-            len as i32
-        }
-        Some(Ok(Answer::Done)) if matches!(op, sys::UBLK_IO_OP_WRITE) => len as i32,
-        Some(Ok(Answer::Done)) => 0,
-        Some(Err(e)) => -e.errno(),
-        None => -libc::EIO,
-    }
-}
-
-enum Request {
-    Read { offset: u64, len: u32 },
-    Write { offset: u64, data: Vec<u8>, fua: bool },
-    Flush,
-    Discard { offset: u64, len: u64 },
-    WriteZeroes { offset: u64, len: u64 },
-}
-
-enum Answer {
-    Data(Bytes),
-    Done,
-}
-
-type Outcome = std::result::Result<Answer, BackendError>;
-
-struct Job {
-    request: Request,
-    slot: Arc<Mutex<Option<Outcome>>>,
-    eventfd: Arc<OwnedFd>,
-}
-
-/// The threads that make the blocking backend calls.
-struct WorkerPool {
-    jobs: Option<Sender<Job>>,
-    threads: Vec<thread::JoinHandle<()>>,
-}
-
-impl WorkerPool {
-    /// Starts `count` workers; returns the queue they serve (cloned into every queue thread).
-    fn start(backend: Arc<dyn BlockBackend>, count: usize) -> Result<(Sender<Job>, WorkerPool)> {
-        let (jobs, receiver) = crossbeam_channel::unbounded::<Job>();
-        let mut threads = Vec::with_capacity(count);
-        for index in 0..count {
-            let backend = backend.clone();
-            let receiver: Receiver<Job> = receiver.clone();
-            let thread = thread::Builder::new()
-                .name(format!("ublk-worker-{index}"))
-                .spawn(move || {
-                    crate::fuse::ensure_io_flusher();
-                    for job in receiver {
-                        // A panicking backend must still answer, or the tag would wait forever.
-                        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            run(backend.as_ref(), job.request)
-                        }))
-                        .unwrap_or_else(|_| Err(BackendError::io("the volume panicked serving a ublk request")));
-                        *job.slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(outcome);
-                        wake(job.eventfd.as_raw_fd());
-                    }
-                })
-                .map_err(|source| FrontendError::Options(format!("cannot start ublk worker threads: {source}")))?;
-            threads.push(thread);
-        }
-        Ok((jobs.clone(), WorkerPool { jobs: Some(jobs), threads }))
-    }
-
-    /// Ends the workers once every queue thread has dropped its sender.
-    fn stop(mut self) {
-        self.jobs.take();
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
+            n => filled += n as usize,
         }
     }
+    buffer.len() as i32
 }
 
-fn run(backend: &dyn BlockBackend, request: Request) -> Outcome {
-    match request {
-        Request::Read { offset, len } => backend.read(offset, len).map(Answer::Data),
-        Request::Write { offset, data, fua } => backend.write(offset, &data, fua).map(|()| Answer::Done),
-        Request::Flush => backend.flush().map(|()| Answer::Done),
-        Request::Discard { offset, len } => backend.discard(offset, len).map(|()| Answer::Done),
-        Request::WriteZeroes { offset, len } => backend.write_zeroes(offset, len).map(|()| Answer::Done),
-    }
-}
-
-fn wake(eventfd: RawFd) {
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: writes 8 bytes from a live local buffer to a descriptor the job keeps open.
-    let written = unsafe { libc::write(eventfd, one.as_ptr().cast(), one.len()) };
-    if written != 8 {
-        tracing::error!("ublk: waking a queue failed: {}", std::io::Error::last_os_error());
+/// Waits for the result of the request submitted with this tag's `Done`: taken at once if it
+/// is there, else after an eventfd read on the queue's ring. A count left in the eventfd by an
+/// earlier completion (one that was there before the tag needed to wait) ends a read early:
+/// the loop then just looks again.
+async fn wait_for_result(io: &TagIo<'_, '_>, counter: &mut [u8; 8]) -> std::result::Result<(), BackendError> {
+    let fd = io.shared.eventfd.as_raw_fd();
+    loop {
+        if let Some(result) = io.shared.take() {
+            return result;
+        }
+        // The executor sleeps in the ring, so a completion from another thread must arrive
+        // there to wake it.
+        let read = opcode::Read::new(types::Fd(fd), counter.as_mut_ptr(), 8).build();
+        let woken = io.queue.ublk_submit_sqe(read).await;
+        if woken < 0 {
+            // Never seen; the request's Done is still out there, so the tag cannot move on
+            // without its result. Wait for it on this thread instead (the eventfd blocks).
+            tracing::error!("ublk: waiting for the volume's answer on the ring failed: errno {}", -woken);
+            // SAFETY: reads 8 bytes into a live local buffer from a descriptor `shared` owns.
+            unsafe { libc::read(fd, counter.as_mut_ptr().cast(), 8) };
+        }
     }
 }
 
@@ -583,13 +715,68 @@ mod tests {
 
     #[test]
     fn options_are_checked() {
-        let good = UblkOptions { queues: 2, depth: 64, max_io_bytes: 512 << 10, workers: 4 };
+        let good = UblkOptions { queues: 2, depth: 64, max_io_bytes: 512 << 10 };
         assert!(good.check(4096).is_ok());
         assert!(UblkOptions { queues: 0, ..good.clone() }.check(4096).is_err());
         assert!(UblkOptions { depth: 0, ..good.clone() }.check(4096).is_err());
         assert!(UblkOptions { max_io_bytes: 6000, ..good.clone() }.check(4096).is_err());
         assert!(UblkOptions { max_io_bytes: 2 << 20, ..good.clone() }.check(4096).is_err());
-        assert!(UblkOptions { workers: 0, ..good }.check(4096).is_err());
+        assert!(UblkOptions { max_io_bytes: 4096, ..good.clone() }.check(512).is_ok());
+        assert!(UblkOptions { max_io_bytes: 4096, ..good }.check(8192).is_err());
+    }
+
+    #[test]
+    fn geometry_is_checked() {
+        assert!(check_geometry(1 << 20, 4096).is_ok());
+        assert!(check_geometry(1 << 20, 512).is_ok());
+        assert!(check_geometry(1 << 20, 8192).is_err());
+        assert!(check_geometry(1 << 20, 3000).is_err());
+        assert!(check_geometry(1 << 20, 256).is_err());
+        assert!(check_geometry(0, 4096).is_err());
+        assert!(check_geometry(4096 + 512, 4096).is_err());
+    }
+
+    fn counter(shared: &TagShared) -> u64 {
+        let mut count = [0u8; 8];
+        // SAFETY: reads 8 bytes into a local buffer from an eventfd `shared` owns.
+        let read = unsafe { libc::read(shared.eventfd.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
+        assert_eq!(read, 8);
+        u64::from_ne_bytes(count)
+    }
+
+    #[test]
+    fn done_stores_the_result_then_wakes() {
+        let shared = Arc::new(TagShared::new().unwrap());
+        let done = Done { tag: Some(shared.clone()) };
+        std::thread::spawn(move || done.complete(Err(BackendError::read_only("secondary")))).join().unwrap();
+        assert_eq!(counter(&shared), 1);
+        assert_eq!(shared.take().unwrap().unwrap_err().errno(), libc::EROFS);
+        assert!(shared.take().is_none());
+
+        Done { tag: Some(shared.clone()) }.complete(Ok(()));
+        assert_eq!(shared.take(), Some(Ok(())));
+        assert_eq!(counter(&shared), 1);
+    }
+
+    #[test]
+    fn a_dropped_done_fails_with_eio() {
+        let shared = Arc::new(TagShared::new().unwrap());
+        drop(Done { tag: Some(shared.clone()) });
+        assert_eq!(shared.take().unwrap().unwrap_err().errno(), libc::EIO);
+        assert_eq!(counter(&shared), 1);
+    }
+
+    #[test]
+    fn done_is_send_and_static() {
+        fn send<T: Send + 'static>() {}
+        send::<Done>();
+    }
+
+    #[test]
+    fn change_debug_leaves_the_data_out() {
+        let data = [7u8; 4096];
+        let text = format!("{:?}", Change::Write { offset: 8192, data: &data, fua: true });
+        assert_eq!(text, "Write { offset: 8192, len: 4096, fua: true }");
     }
 
     #[test]

@@ -329,6 +329,14 @@ impl Store {
         &self.completions
     }
 
+    /// The backing file's descriptor, for a frontend that reads the volume on a ring of its
+    /// own (ublk): the same page cache as the store's writes, so reads see every completed
+    /// write. Open as long as the store is.
+    pub fn data_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.data.as_fd()
+    }
+
     /// Reads synchronously on the caller's thread, for host reads the frontend serves. It goes
     /// through the same page cache as the ring's writes, so it sees every completed write.
     pub fn read_sync(&self, offset: u64, len: u64) -> io::Result<Bytes> {

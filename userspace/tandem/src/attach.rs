@@ -10,7 +10,7 @@
 //!   [`DeviceIo`]: reads with `O_DIRECT` (the application's writes bypass the device's page
 //!   cache, which would serve stale pages), hardens as `fdatasync`, and no writes at all: the
 //!   device is opened read-only, so nothing here can write under the application.
-//! - The shipping loop ([`Shipper`], a thread of its own, so the node's thread never waits)
+//! - The shipping loop ([`Shipper`], a thread of its own, so the node never waits)
 //!   cycles each range of the kernel map: toggle, wait for the writes queued before the toggle
 //!   to complete, read each old track from the device, hand it to the node as a write already
 //!   on the device (`Event::HostWritten`: sent to the peers and recorded, never written
@@ -23,7 +23,8 @@
 
 use crate::config::Config;
 use crate::control::{AttachView, Reply};
-use crate::daemon::{Daemon, Edges, HostOp, Input};
+use crate::daemon::{reply_to, Daemon, Edges, HostOp, Input};
+use crate::inbox::Inbox;
 use crate::kernel_record::{KernelRecord, KernelRecordError, RecordSpec, TrackSet};
 use crate::runtime::Links;
 use anyhow::{anyhow, bail, Context, Result};
@@ -40,7 +41,7 @@ use std::time::{Duration, Instant};
 use tandem_core::node::{Action, HostError, IoError, Node};
 use tandem_core::wire::Message;
 use tandem_core::{ConnState, Geometry, NodeId};
-use tandem_net::{Net, NetConfig, NetEvent};
+use tandem_net::{Net, NetConfig};
 use tandem_store::MetaFile;
 
 /// Track reads handed to the node at once by the shipping loop.
@@ -146,7 +147,7 @@ struct DeviceIo {
 }
 
 impl DeviceIo {
-    fn start(device: Arc<File>, mut meta: MetaFile, inbox: Sender<Input>) -> Result<DeviceIo> {
+    fn start(device: Arc<File>, mut meta: MetaFile, inbox: Inbox) -> Result<DeviceIo> {
         let (jobs, rx) = channel::<Action>();
         std::thread::Builder::new().name("attach-io".into()).spawn(move || {
             for action in rx {
@@ -190,7 +191,7 @@ pub struct SnapshotRequest {
 struct AttachEdges {
     io: DeviceIo,
     links: Links,
-    inbox: Sender<Input>,
+    inbox: Inbox,
     device: String,
     view: Arc<Mutex<AttachView>>,
     snapshots: Sender<SnapshotRequest>,
@@ -237,7 +238,7 @@ impl Edges for AttachEdges {
     }
 }
 
-/// What the shipping loop learns from the node, on the node's thread.
+/// What the shipping loop learns from the node, while driving it.
 struct NodeLook {
     /// Peers that take replicated writes now.
     replicating: usize,
@@ -275,7 +276,7 @@ fn still_owed(node: &Node, into: &mut TrackSet) {
 struct Shipper {
     record: KernelRecord,
     device: Arc<File>,
-    inbox: Sender<Input>,
+    inbox: Inbox,
     geometry: Geometry,
     view: Arc<Mutex<AttachView>>,
     snapshots: Receiver<SnapshotRequest>,
@@ -286,7 +287,7 @@ struct Shipper {
 }
 
 impl Shipper {
-    /// Runs `f` on the node's thread and returns its answer (None once the node is gone).
+    /// Runs `f` on the node and returns its answer (None once the node is gone).
     fn ask<T: Send + 'static>(&self, f: impl FnOnce(&Node) -> T + Send + 'static) -> Option<T> {
         let (tx, rx) = channel();
         self.inbox
@@ -485,7 +486,7 @@ impl Shipper {
                 .with_context(|| format!("reading track {track} of the attached device"))?;
             let (tx, rx) = channel();
             self.inbox
-                .send(Input::Host { op: HostOp::Written { offset: extent.offset, data }, reply: tx })
+                .send(Input::Host { op: HostOp::Written { offset: extent.offset, data }, reply: reply_to(tx) })
                 .map_err(|_| anyhow!("the node stopped"))?;
             pending.push_back((track, rx));
         }
@@ -556,7 +557,9 @@ impl Shipper {
             }
         }
         let (tx, rx) = channel();
-        self.inbox.send(Input::Host { op: HostOp::Flush, reply: tx }).map_err(|_| anyhow!("the node stopped"))?;
+        self.inbox
+            .send(Input::Host { op: HostOp::Flush, reply: reply_to(tx) })
+            .map_err(|_| anyhow!("the node stopped"))?;
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(Ok(())) => {}
@@ -755,7 +758,7 @@ pub fn check_for_create_md(config: &Config) -> Result<()> {
     open_device(config).map(|_| ())
 }
 
-/// `tandem daemon` in attach mode: runs until the node's thread ends.
+/// `tandem daemon` in attach mode: runs until the node ends.
 pub fn run_daemon(config: Config) -> Result<()> {
     let device = Arc::new(open_device(&config)?);
     let device_path = config.data.display().to_string();
@@ -769,22 +772,13 @@ pub fn run_daemon(config: Config) -> Result<()> {
 
     let record = kernel_record(&config, meta.generations.current)?;
 
-    let (inbox, rx) = channel();
+    let inbox = Inbox::new();
     let io = DeviceIo::start(device.clone(), meta_file, inbox.clone())?;
-    let to_node = inbox.clone();
     let mut net_config =
         NetConfig::new(config.node, config.volume_id, config.secret.clone(), config.listen, config.peers.clone());
     net_config.keepalive = config.keepalive;
     net_config.timeout = config.timeout;
-    let net = Net::start(net_config, move |event| {
-        let input = match event {
-            NetEvent::Connected { peer } => Input::Connected(peer),
-            NetEvent::Lost { peer, reason } => Input::Lost(peer, reason),
-            NetEvent::Message { peer, msg } => Input::Message(peer, msg),
-            NetEvent::Refused { .. } => return,
-        };
-        let _ = to_node.send(input);
-    })?;
+    let net = Net::start(net_config, Links::sink(inbox.clone()))?;
 
     let view = Arc::new(Mutex::new(AttachView {
         device: device_path.clone(),
@@ -806,8 +800,8 @@ pub fn run_daemon(config: Config) -> Result<()> {
         snapshots: snapshots_tx,
     };
     let primary = Arc::new(AtomicBool::new(false));
-    let daemon = Daemon::new(config.clone(), meta, edges, rx, primary)?;
-    let node_thread = std::thread::Builder::new().name("node".into()).spawn(move || daemon.run())?;
+    let daemon = Daemon::new(config.clone(), meta, edges, primary)?;
+    let node_thread = inbox.start(Box::new(daemon))?;
     let shipper = Shipper {
         record,
         device,
@@ -822,7 +816,7 @@ pub fn run_daemon(config: Config) -> Result<()> {
     crate::control::serve(&config.control, inbox)?;
     // The kernel record stays pinned, also after `tandem down`: the programs go on recording
     // the application's writes, and the next start ships just those (docs/attach.md).
-    let result = node_thread.join().unwrap_or_else(|_| Err(anyhow!("the node's thread panicked")));
+    let result = node_thread.join().unwrap_or_else(|_| Err(anyhow!("the node's home thread panicked")));
     let _ = std::fs::remove_file(&config.control);
     result
 }

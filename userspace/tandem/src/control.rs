@@ -225,14 +225,14 @@ pub fn call_waiting(socket: &Path, request: &Request, timeout: Duration) -> anyh
 }
 
 /// Serves the control socket: each connection sends one request line and gets one reply.
-pub fn serve(socket: &Path, daemon: std::sync::mpsc::Sender<crate::daemon::Input>) -> anyhow::Result<()> {
+pub fn serve(socket: &Path, daemon: crate::inbox::Inbox) -> anyhow::Result<()> {
     serve_with(socket, daemon, None)
 }
 
 /// [`serve`], with role changes wrapped by `wrap` (a device-mapper suspend / resume).
 pub fn serve_with(
     socket: &Path,
-    daemon: std::sync::mpsc::Sender<crate::daemon::Input>,
+    daemon: crate::inbox::Inbox,
     wrap: Option<std::sync::Arc<crate::kernel_frontend::RoleWrap>>,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
@@ -259,7 +259,7 @@ pub fn serve_with(
 
 fn answer(
     stream: UnixStream,
-    daemon: std::sync::mpsc::Sender<crate::daemon::Input>,
+    daemon: crate::inbox::Inbox,
     wrap: Option<std::sync::Arc<crate::kernel_frontend::RoleWrap>>,
 ) {
     let mut line = String::new();
@@ -278,8 +278,8 @@ fn answer(
                     rx.recv().unwrap_or(Reply::Error { message: "the daemon stopped before answering".into() })
                 }
             };
-            // Suspended here, off the node's thread: the suspend waits for the I/O in flight,
-            // which only the node's thread completes.
+            // Suspended here, before the request reaches the node: the suspend waits for
+            // the I/O in flight, which only the node completes.
             match wrap {
                 Some(wrap) if role_change => wrap.around(ask),
                 _ => ask(),

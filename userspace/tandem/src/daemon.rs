@@ -1,14 +1,17 @@
-//! The daemon: one thread runs the node's state machine; everything else (the frontend's
-//! FUSE threads, the network links, the store's completions, the control socket) talks to
-//! it through one channel, so the protocol logic stays single-threaded and sans-IO.
+//! The daemon: the node's state machine and what surrounds it (host replies, timers, the
+//! kernel record, control requests). Everything else (the frontend's threads, the network
+//! links, the store's completions, the control socket) hands it inputs through its
+//! [`Inbox`](crate::inbox::Inbox), which runs it on one thread at a time, so the protocol
+//! logic stays single-threaded and sans-IO.
 
 use crate::config::Config;
 use crate::control::{DirtyRun, PeerView, Reply, Request, StatusView, TrackRun, VerifyView};
+use crate::inbox::{Next, Runner};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_core::node::{Action, Event, HostError, HostIoId, IoError, IoId, Node, NodeConfig, Timer};
@@ -26,12 +29,23 @@ pub enum HostOp {
     Written { offset: u64, data: Bytes },
 }
 
-/// What the node's thread receives. `Run`: work the edges want done on the node's thread
+/// How a host request is answered: called once, from whichever thread drives the node
+/// (dropped unanswered if the daemon stops first).
+pub type HostReply = Box<dyn FnOnce(Result<(), HostError>) + Send>;
+
+/// A [`HostReply`] that sends the answer to `tx`, for a caller that waits on a channel.
+pub fn reply_to(tx: Sender<Result<(), HostError>>) -> HostReply {
+    Box::new(move |result| {
+        let _ = tx.send(result);
+    })
+}
+
+/// What the node receives. `Run`: work the edges want done while driving the node
 /// after the inputs queued before it (sending in one go what the last turns queued).
 /// `Inspect`: a look at the node from another thread (attach mode's shipping loop).
 /// `Record`: the record of written tracks, once the device exists (see `kernel_record`).
 pub enum Input {
-    Host { op: HostOp, reply: Sender<Result<(), HostError>> },
+    Host { op: HostOp, reply: HostReply },
     Connected(NodeId),
     Lost(NodeId, String),
     Message(NodeId, Message),
@@ -42,8 +56,9 @@ pub enum Input {
     Record(crate::kernel_record::Record),
 }
 
-/// The node's side of the edges: where actions go.
-pub trait Edges {
+/// The node's side of the edges: where actions go. They run on whichever thread drives the
+/// node, so none may wait for another thread (see `inbox`, "What must not run on the node").
+pub trait Edges: Send {
     fn submit_io(&mut self, action: Action);
     fn send(&mut self, peer: NodeId, msg: Message);
     fn disconnect(&mut self, peer: NodeId, stand_alone: bool);
@@ -74,8 +89,7 @@ pub struct Daemon<E: Edges> {
     config: Config,
     node: Node,
     edges: E,
-    rx: Receiver<Input>,
-    host: HashMap<HostIoId, Sender<Result<(), HostError>>>,
+    host: HashMap<HostIoId, HostReply>,
     next_host: HostIoId,
     timers: Vec<(u64, Timer)>,
     start: Instant,
@@ -87,13 +101,7 @@ pub struct Daemon<E: Edges> {
 }
 
 impl<E: Edges> Daemon<E> {
-    pub fn new(
-        config: Config,
-        meta: tandem_core::node::Meta,
-        edges: E,
-        rx: Receiver<Input>,
-        primary: Arc<AtomicBool>,
-    ) -> Result<Self> {
+    pub fn new(config: Config, meta: tandem_core::node::Meta, edges: E, primary: Arc<AtomicBool>) -> Result<Self> {
         let peers = config.peers.iter().map(|(id, _)| *id).collect();
         let mut node_config = NodeConfig::new(config.node, peers, config.geometry, config.mode);
         node_config.attached = config.attach.is_some();
@@ -105,7 +113,6 @@ impl<E: Edges> Daemon<E> {
             config,
             node,
             edges,
-            rx,
             host: HashMap::new(),
             next_host: 1,
             timers: Vec::new(),
@@ -120,55 +127,45 @@ impl<E: Edges> Daemon<E> {
         self.start.elapsed().as_nanos() as u64
     }
 
-    /// Runs until `tandem down` completes or every sender is gone.
-    pub fn run(mut self) -> Result<()> {
-        let now = self.now();
-        self.node.start(now);
+    /// When the node wants to run next without an input: its earliest timer, the kernel
+    /// record's next clearing step, and at least once a second.
+    fn next(&self) -> Next {
+        let now = Instant::now();
+        let mut next = now + Duration::from_secs(1);
+        if let Some(at) = self.timers.iter().map(|(at, _)| *at).min() {
+            next = next.min(self.start + Duration::from_nanos(at));
+        }
+        if let Some(crate::kernel_record::Record::Kernel(c)) = &self.record {
+            next = next.min(c.due());
+        }
+        Next::At(next)
+    }
+
+    /// After the inputs: the due timers, the actions, the record's clearing, and the end.
+    fn finish_turn(&mut self) -> Next {
+        self.fire_timers();
         self.apply();
-        loop {
-            let now = self.now();
-            let mut next = self.timers.iter().map(|(at, _)| *at).min().unwrap_or(now + 1_000_000_000);
-            if let Some(crate::kernel_record::Record::Kernel(c)) = &self.record {
-                let due = c.due().saturating_duration_since(Instant::now()).as_nanos() as u64;
-                next = next.min(now + due);
-            }
-            // Polls briefly before it sleeps: see `recv_polling`.
-            match crate::runtime::recv_polling(&self.rx, Duration::from_nanos(next.saturating_sub(now))) {
-                Ok(input) => {
-                    // Handle what else is queued before carrying out the actions: one turn
-                    // of `apply` per burst (bounded, so that timers still fire).
-                    self.on_input(input);
-                    for _ in 0..255 {
-                        let Ok(input) = self.rx.try_recv() else { break };
-                        self.on_input(input);
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return Ok(()),
-            }
-            self.fire_timers();
-            self.apply();
-            if let Some(crate::kernel_record::Record::Kernel(c)) = &mut self.record {
-                if c.due() <= Instant::now() {
-                    c.tick(&self.node);
-                }
-            }
-            if self.down.is_some() && self.node.is_down() {
-                tracing::info!("orderly shutdown complete");
-                // The records are persisted: the kernel map is no longer needed, and `down`
-                // leaves nothing pinned.
-                if let Some(crate::kernel_record::Record::Kernel(c)) = self.record.take() {
-                    match c.unpin() {
-                        Ok(()) => tracing::info!("unpinned the kernel record"),
-                        Err(e) => tracing::warn!(error = %e, "unpinning the kernel record"),
-                    }
-                }
-                if let Some(reply) = self.down.take() {
-                    let _ = reply.send(Reply::Ok);
-                }
-                return Ok(());
+        if let Some(crate::kernel_record::Record::Kernel(c)) = &mut self.record {
+            if c.due() <= Instant::now() {
+                c.tick(&self.node);
             }
         }
+        if self.down.is_some() && self.node.is_down() {
+            tracing::info!("orderly shutdown complete");
+            // The records are persisted: the kernel map is no longer needed, and `down`
+            // leaves nothing pinned.
+            if let Some(crate::kernel_record::Record::Kernel(c)) = self.record.take() {
+                match c.unpin() {
+                    Ok(()) => tracing::info!("unpinned the kernel record"),
+                    Err(e) => tracing::warn!(error = %e, "unpinning the kernel record"),
+                }
+            }
+            if let Some(reply) = self.down.take() {
+                let _ = reply.send(Reply::Ok);
+            }
+            return Next::Stop;
+        }
+        self.next()
     }
 
     fn handle(&mut self, event: Event) {
@@ -233,7 +230,7 @@ impl<E: Edges> Daemon<E> {
                 Action::Send { peer, msg } => self.edges.send(peer, msg),
                 Action::CompleteHost { id, result } => {
                     if let Some(reply) = self.host.remove(&id) {
-                        let _ = reply.send(result);
+                        reply(result);
                     }
                 }
                 Action::SetTimer { timer, at } => self.timers.push((at, timer)),
@@ -349,6 +346,23 @@ impl<E: Edges> Daemon<E> {
             }
         }
         runs
+    }
+}
+
+impl<E: Edges> Runner for Daemon<E> {
+    fn start(&mut self) -> Next {
+        let now = self.now();
+        self.node.start(now);
+        self.apply();
+        self.next()
+    }
+
+    fn turn(&mut self, inputs: Vec<Input>) -> Next {
+        // All that is queued before the actions: one round of `apply` per burst.
+        for input in inputs {
+            self.on_input(input);
+        }
+        self.finish_turn()
     }
 }
 

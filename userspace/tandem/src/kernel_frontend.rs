@@ -26,7 +26,7 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tandem_frontend::{BlockBackend, UblkDevice, UblkFrontend, UblkOptions, UblkStart, UblkState};
+use tandem_frontend::{UblkBackend, UblkDevice, UblkFrontend, UblkOptions, UblkStart, UblkState};
 
 /// `[node] frontend`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,7 +156,7 @@ impl Serving {
     /// the re-attach waits for `primary` when `wait_for_primary`, see the module's comment).
     pub fn start(
         config: &Config,
-        backend: Arc<dyn BlockBackend>,
+        backend: Arc<dyn UblkBackend>,
         plan: Plan,
         primary: Arc<AtomicBool>,
         wait_for_primary: bool,

@@ -22,7 +22,7 @@
 //!
 //! It stays bounded through a **clearing cycle** per range, run on a timer from the node's
 //! thread and never blocking it (a write to the file frontend's loop device completes only
-//! when the node's thread acknowledges it: a blocking drain there would deadlock):
+//! when the node acknowledges it: a blocking drain there would deadlock):
 //!
 //! 1. [`KernelRecord::begin`]: toggle the range (new marks go to the other side). The toggle
 //!    waits for an RCU grace period, so it runs on a helper thread of its own.
@@ -519,7 +519,7 @@ impl KernelRecord {
     }
 
     /// One whole cycle of `range`, waiting (sleeping) between its steps: for threads that may
-    /// block (attach mode's shipping loop), never for the node's thread of the file frontend.
+    /// block (attach mode's shipping loop), never for the node.
     #[allow(dead_code)] // for attach mode and tests
     pub fn cycle_blocking(
         &mut self,
@@ -608,7 +608,7 @@ impl TrackSet {
 /// Whether the core still holds `track`: in some peer's record (current ∪ old), among a
 /// resync's unconfirmed tracks, or in the persisted `out_of_sync`. A drained old track of the
 /// map that it holds is marked again before the old side is cleared. Per track and cheap (no
-/// listing of a full resync's million tracks on the node's thread).
+/// listing of a full resync's million tracks while driving the node).
 pub fn core_holds(node: &Node, track: u64) -> bool {
     node.meta().out_of_sync.get(track as usize).is_some_and(|b| *b)
         || node
@@ -644,7 +644,7 @@ impl Record {
     }
 }
 
-/// The node thread's driver of the clearing cycles of a [`KernelRecord`].
+/// The node's driver of the clearing cycles of a [`KernelRecord`].
 ///
 /// Its work per tick is bounded, whatever the volume's size: `out_of_sync` is compared word by
 /// word, and only ranges whose counters moved (new marks, a toggle) plus a few others in turn
@@ -692,7 +692,7 @@ impl Clearing {
         self.next
     }
 
-    /// One tick, on the node's thread; never blocks. Marks what is new in `out_of_sync`,
+    /// One tick, while driving the node; never blocks. Marks what is new in `out_of_sync`,
     /// advances every range's cycle, starts cycles of ranges whose map holds tracks the core no
     /// longer does.
     pub fn tick(&mut self, node: &Node) {

@@ -6,6 +6,7 @@ mod config;
 mod control;
 mod daemon;
 mod dm;
+mod inbox;
 mod kernel_frontend;
 mod kernel_record;
 mod report;

@@ -3,53 +3,22 @@
 
 use crate::config::Config;
 use crate::daemon::{Daemon, Edges, HostOp, Input};
+use crate::inbox::Inbox;
 use crate::kernel_frontend::{self, Plan, Selected, Serving};
 use crate::kernel_record::{self, Clearing, KernelRecord, Record, RecordChoice, RecordSpec};
 use anyhow::{Context, Result};
 use bytes::Bytes;
+use std::collections::HashSet;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 use tandem_core::node::{Action, HostError, IoError};
 use tandem_core::wire::Message;
 use tandem_core::NodeId;
-use tandem_frontend::{BackendError, BlockBackend, LoopOptions};
+use tandem_frontend::{BackendError, BlockBackend, Change, Done, LoopOptions, UblkBackend};
 use tandem_net::{Net, NetConfig, NetEvent};
 use tandem_store::{create_md, Completion, MetaFile, MetaHeader, Store};
-
-/// How long the node's thread polls its inbox before it sleeps (see [`recv_polling`]).
-const POLL_WINDOW: Duration = Duration::from_micros(200);
-/// A yield that took longer than this ran another thread: the CPU is wanted elsewhere.
-const YIELD_BUSY: Duration = Duration::from_micros(10);
-
-/// The node loop's wait for its next input, up to `timeout`. Waking a thread that sleeps
-/// costs tens of microseconds on a virtual machine, several times per replicated write, so
-/// right after a turn (when the next input, an ack or the next host write, is likely to be
-/// close) the loop polls its inbox for up to [`POLL_WINDOW`], yielding the CPU between
-/// attempts, before it sleeps. It stops polling as soon as a yield shows that another thread
-/// wanted the CPU: on a busy machine polling would only take time from the threads that
-/// produce the inputs. An idle node polls once per timer, for at most the window.
-pub(crate) fn recv_polling<T>(rx: &Receiver<T>, timeout: Duration) -> Result<T, RecvTimeoutError> {
-    let start = Instant::now();
-    let window = timeout.min(POLL_WINDOW);
-    loop {
-        match rx.try_recv() {
-            Ok(input) => return Ok(input),
-            Err(TryRecvError::Disconnected) => return Err(RecvTimeoutError::Disconnected),
-            Err(TryRecvError::Empty) => {}
-        }
-        if start.elapsed() >= window {
-            break;
-        }
-        let before = Instant::now();
-        std::thread::yield_now();
-        if before.elapsed() > YIELD_BUSY {
-            break;
-        }
-    }
-    rx.recv_timeout(timeout.saturating_sub(start.elapsed()))
-}
 
 fn header(config: &Config) -> MetaHeader {
     MetaHeader::new(u128::from(config.volume_id), config.node, config.geometry)
@@ -80,18 +49,30 @@ pub struct Links {
     net: Arc<Net>,
     /// A flush of the messages queued on `net` is waiting in the inbox.
     flush_queued: Arc<AtomicBool>,
-    inbox: Sender<Input>,
+    /// Peers whose link is being dropped (off the node, see `disconnect`): nothing more is
+    /// sent to them on it.
+    cutting: Arc<Mutex<HashSet<NodeId>>>,
+    inbox: Inbox,
 }
 
 impl Links {
-    pub fn new(net: Net, inbox: Sender<Input>) -> Links {
-        Links { net: Arc::new(net), flush_queued: Arc::new(AtomicBool::new(false)), inbox }
+    pub fn new(net: Net, inbox: Inbox) -> Links {
+        Links {
+            net: Arc::new(net),
+            flush_queued: Arc::new(AtomicBool::new(false)),
+            cutting: Arc::new(Mutex::new(HashSet::new())),
+            inbox,
+        }
     }
 
-    /// Queues the message and, once per turn of the node's loop, a flush behind the inputs
-    /// already waiting: the messages of a burst of inputs leave together, in one system call
-    /// per link, and a lone message leaves as soon as the turn that made it is over.
+    /// Queues the message and, once per turn of the node, a flush behind the inputs already
+    /// waiting: the messages of a burst of inputs leave together, in one system call per
+    /// link, and a lone message leaves as soon as the turn that made it is over.
     pub fn send(&mut self, peer: NodeId, msg: Message) {
+        if self.cutting.lock().expect("cutting lock").contains(&peer) {
+            tracing::trace!(peer, "not sending {}: the link is being dropped", msg.name());
+            return;
+        }
         self.net.queue(peer, msg);
         if !self.flush_queued.swap(true, Ordering::Relaxed) {
             let (net, flush_queued) = (self.net.clone(), self.flush_queued.clone());
@@ -105,14 +86,36 @@ impl Links {
         }
     }
 
+    /// Drops the link with `peer`, off the node: `Net::disconnect` waits for the link's
+    /// reader to deliver its `Lost`, and that reader may be the very thread driving the node.
     pub fn disconnect(&mut self, peer: NodeId, stand_alone: bool) {
         // What the node sent before deciding to drop the link goes first.
         self.net.flush();
-        self.net.disconnect(peer, stand_alone);
+        self.cutting.lock().expect("cutting lock").insert(peer);
+        let (net, cutting) = (self.net.clone(), self.cutting.clone());
+        self.inbox.off_node(Box::new(move || {
+            net.disconnect(peer, stand_alone);
+            cutting.lock().expect("cutting lock").remove(&peer);
+        }));
     }
 
+    /// Off the node too, so that it follows a `disconnect` decided before it.
     pub fn reconnect(&mut self, peer: NodeId) {
-        self.net.reconnect(peer);
+        let net = self.net.clone();
+        self.inbox.off_node(Box::new(move || net.reconnect(peer)));
+    }
+
+    /// The network's events as the node's inputs. `Connected` and `Lost` come under the
+    /// network's lock, which the node's sends take: they are posted to the home thread.
+    pub fn sink(inbox: Inbox) -> impl Fn(NetEvent) + Send + Sync + 'static {
+        move |event| {
+            let _ = match event {
+                NetEvent::Connected { peer } => inbox.post(Input::Connected(peer)),
+                NetEvent::Lost { peer, reason } => inbox.post(Input::Lost(peer, reason)),
+                NetEvent::Message { peer, msg } => inbox.send(Input::Message(peer, msg)),
+                NetEvent::Refused { .. } => Ok(()), // logged by the net crate
+            };
+        }
     }
 }
 
@@ -125,7 +128,7 @@ struct RealEdges {
     /// The frontend under the user-facing device, and whether it serves (ublk: false while a
     /// re-attach waits for the node to be primary).
     frontend: SharedFrontend,
-    inbox: Sender<Input>,
+    inbox: Inbox,
 }
 
 impl Edges for RealEdges {
@@ -170,7 +173,7 @@ impl Edges for RealEdges {
 /// The block device's backend: writes go through the node (replicated), reads come from
 /// the local store, and only on the primary.
 struct VolumeBackend {
-    inbox: Sender<Input>,
+    inbox: Inbox,
     store: Arc<Store>,
     primary: Arc<AtomicBool>,
     size: u64,
@@ -178,16 +181,35 @@ struct VolumeBackend {
 }
 
 impl VolumeBackend {
+    /// Hands `op` to the node; `reply` gets the answer, from whichever thread drives it.
+    fn start(&self, op: HostOp, reply: impl FnOnce(Result<(), BackendError>) + Send + 'static) {
+        let reply = Box::new(move |result: Result<(), HostError>| reply(result.map_err(backend_error)));
+        // Refused once the daemon stops: the reply is dropped with the input, which its
+        // waiter sees (a ublk request fails with EIO, `host` says the daemon stopped).
+        let _ = self.inbox.send(Input::Host { op, reply });
+    }
+
     fn host(&self, op: HostOp) -> Result<(), BackendError> {
         let (tx, rx) = channel();
-        self.inbox.send(Input::Host { op, reply: tx }).map_err(|_| BackendError::io("the daemon is stopping"))?;
-        match rx.recv() {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(HostError::NotPrimary)) => Err(BackendError::read_only("this node is secondary")),
-            Ok(Err(HostError::Geometry(e))) => Err(BackendError::invalid(e.to_string())),
-            Ok(Err(e)) => Err(BackendError::io(e.to_string())),
-            Err(_) => Err(BackendError::io("the daemon stopped before answering")),
+        self.start(op, move |result| {
+            let _ = tx.send(result);
+        });
+        rx.recv().unwrap_or_else(|_| Err(BackendError::io("the daemon stopped before answering")))
+    }
+
+    fn check_readable(&self) -> Result<(), BackendError> {
+        if !self.primary.load(Ordering::Acquire) {
+            return Err(BackendError::io("this node is secondary: its replica is not readable yet"));
         }
+        Ok(())
+    }
+}
+
+fn backend_error(e: HostError) -> BackendError {
+    match e {
+        HostError::NotPrimary => BackendError::read_only("this node is secondary"),
+        HostError::Geometry(e) => BackendError::invalid(e.to_string()),
+        e => BackendError::io(e.to_string()),
     }
 }
 
@@ -199,9 +221,7 @@ impl BlockBackend for VolumeBackend {
         self.block_size
     }
     fn read(&self, offset: u64, len: u32) -> Result<Bytes, BackendError> {
-        if !self.primary.load(Ordering::Acquire) {
-            return Err(BackendError::io("this node is secondary: its replica is not readable yet"));
-        }
+        self.check_readable()?;
         self.store.read_sync(offset, u64::from(len)).map_err(BackendError::from)
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
@@ -220,6 +240,32 @@ impl BlockBackend for VolumeBackend {
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackendError> {
         self.host(HostOp::WriteZeroes { offset, len })
+    }
+}
+
+/// The same volume for the ublk queues: reads on the queue's own ring from the store's file,
+/// changes through the node without a thread of their own (the queue thread drives the node
+/// when nobody else does, see `inbox`), answered from whichever thread completes them.
+impl UblkBackend for VolumeBackend {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+    fn read_source(&self) -> Result<RawFd, BackendError> {
+        self.check_readable()?;
+        Ok(self.store.data_fd().as_raw_fd())
+    }
+    fn submit(&self, change: Change<'_>, done: Done) {
+        let op = match change {
+            Change::Write { offset, data, fua } => HostOp::Write { offset, data: Bytes::copy_from_slice(data), fua },
+            Change::Flush if !self.primary.load(Ordering::Acquire) => return done.complete(Ok(())),
+            Change::Flush => HostOp::Flush,
+            Change::Discard { offset, len } => HostOp::Discard { offset, len },
+            Change::WriteZeroes { offset, len } => HostOp::WriteZeroes { offset, len },
+        };
+        self.start(op, move |result| done.complete(result));
     }
 }
 
@@ -319,6 +365,12 @@ pub fn run_daemon(config: Config) -> Result<()> {
         kernel_record::require_bpf()
             .map_err(|why| anyhow::anyhow!("record = \"bpf\" in {}, but {why}", config.file.display()))?;
     }
+    // Every thread of the daemon may drive the node and write the backing store while the
+    // kernel waits on the device it serves: none may be throttled into writeback of that very
+    // device. Threads inherit the flag, so it is set before any starts.
+    if let Err(e) = tandem_frontend::set_io_flusher() {
+        tracing::warn!(error = %e, "PR_SET_IO_FLUSHER refused: under memory pressure the daemon could wait on its own device");
+    }
     let (mut meta_file, mut meta) =
         MetaFile::open(&config.meta).context("opening the metadata (run `tandem create-md` first?)")?;
     meta_file.expect(u128::from(config.volume_id), config.node, &config.geometry)?;
@@ -327,28 +379,19 @@ pub fn run_daemon(config: Config) -> Result<()> {
     let surviving = plan.and_then(|p| p.surviving_device());
     let kept = recover_kernel_record(&config, &mut meta_file, &mut meta, surviving.as_deref())?;
     let generation = meta.generations.current;
-    let (inbox, rx) = channel();
-    // The store and the links put their completions and messages straight into the node's
-    // inbox, from their own threads: no forwarding thread, one wake-up per hand-off.
+    let inbox = Inbox::new();
+    // The store and the links hand their completions and messages to the node from their
+    // own threads, which drive it themselves when nobody else does (see `inbox`).
     let to_node = inbox.clone();
     let store = Arc::new(Store::open_with_meta_and_sink(&config.data, meta_file, move |c: Completion| {
         let _ = to_node.send(Input::IoDone { io: c.io, result: c.result });
     })?);
 
-    let to_node = inbox.clone();
     let mut net_config =
         NetConfig::new(config.node, config.volume_id, config.secret.clone(), config.listen, config.peers.clone());
     net_config.keepalive = config.keepalive;
     net_config.timeout = config.timeout;
-    let net = Net::start(net_config, move |event| {
-        let input = match event {
-            NetEvent::Connected { peer } => Input::Connected(peer),
-            NetEvent::Lost { peer, reason } => Input::Lost(peer, reason),
-            NetEvent::Message { peer, msg } => Input::Message(peer, msg),
-            NetEvent::Refused { .. } => return, // logged by the net crate
-        };
-        let _ = to_node.send(input);
-    })?;
+    let net = Net::start(net_config, Links::sink(inbox.clone()))?;
 
     let primary = Arc::new(AtomicBool::new(false));
     let device = Arc::new(Mutex::new(None));
@@ -360,11 +403,11 @@ pub fn run_daemon(config: Config) -> Result<()> {
         device: device.clone(),
         inbox: inbox.clone(),
     };
-    let daemon = Daemon::new(config.clone(), meta, edges, rx, primary.clone())?;
+    let daemon = Daemon::new(config.clone(), meta, edges, primary.clone())?;
     let is_primary = primary.clone();
-    // The loop must run before the device exists: attaching it flushes the file, which
+    // The node must run before the device exists: attaching it flushes the file, which
     // the frontend answers through the node.
-    let node_thread = std::thread::Builder::new().name("node".into()).spawn(move || daemon.run())?;
+    let node_thread = inbox.start(Box::new(daemon))?;
 
     let backend = Arc::new(VolumeBackend {
         inbox: inbox.clone(),
@@ -458,7 +501,7 @@ pub fn run_daemon(config: Config) -> Result<()> {
     let wrap = linear.clone().map(|linear| Arc::new(kernel_frontend::RoleWrap { linear, live }));
     crate::control::serve_with(&config.control, inbox, wrap)?;
 
-    let result = node_thread.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the node's thread panicked")));
+    let result = node_thread.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the node's home thread panicked")));
     // The table holds the frontend device open: it goes first.
     if let Some(linear) = &linear {
         match linear.remove() {
