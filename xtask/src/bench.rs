@@ -13,7 +13,7 @@ use tandem_testnet::link::Link;
 
 use crate::cluster::{free_port, wait, Node, Volume};
 use crate::cmd::Cmd;
-use crate::paths::workspace_root;
+use crate::paths::target_dir;
 use crate::tools::is_root;
 
 const SIZE: &str = "512MiB";
@@ -69,7 +69,7 @@ pub fn run() -> Result<()> {
     }
     crate::apt::ensure(&["fio"])?;
     Cmd::cargo().args(["build", "--release", "-p", "tandem"]).run()?;
-    let tandem = workspace_root().join("target/release/tandem");
+    let tandem = target_dir().join("release/tandem");
     let dir = std::env::temp_dir().join(format!("tandem-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let result = bench_all(&tandem, &dir);

@@ -41,7 +41,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, ValueEnum};
 
 use crate::cmd::Cmd;
-use crate::paths::workspace_root;
+use crate::paths::target_dir;
 use crate::tools::is_root;
 
 /// 1 GiB of 64 KiB tracks per range: the daemon's default range.
@@ -193,7 +193,7 @@ pub fn run(args: &EbpfArgs) -> Result<()> {
             Cmd::cargo()
                 .args(["build", "--release", "-p", "tandem-bpf", "--example", "bpfctl", "--example", "attach_ab"])
                 .run()?;
-            workspace_root().join("target/release/examples")
+            target_dir().join("release/examples")
         }
     };
     let bpfctl = examples.join("bpfctl");

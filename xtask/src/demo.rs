@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 
 use crate::cluster::{sh, wait, Network, Node, Volume};
 use crate::cmd::Cmd;
-use crate::paths::workspace_root;
+use crate::paths::target_dir;
 use crate::tools::is_root;
 
 #[derive(Args, Default)]
@@ -36,7 +36,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     }
     crate::apt::ensure_packages()?;
     Cmd::cargo().args(["build", "--release", "-p", "tandem"]).run()?;
-    let tandem = workspace_root().join("target/release/tandem");
+    let tandem = target_dir().join("release/tandem");
     let dir = std::env::temp_dir().join(format!("tandem-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let result = Demo::new(&tandem, &dir, &args.mode).and_then(|mut d| d.run());

@@ -270,6 +270,7 @@ fn answer(
     let reply = match serde_json::from_str::<Request>(&line) {
         Ok(request) => {
             let role_change = matches!(request, Request::Primary { .. } | Request::Secondary);
+            let down = matches!(request, Request::Down);
             let ask = move || {
                 let (tx, rx) = std::sync::mpsc::channel();
                 if daemon.send(crate::daemon::Input::Control { request, reply: tx }).is_err() {
@@ -282,6 +283,10 @@ fn answer(
             // the I/O in flight, which only the node completes.
             match wrap {
                 Some(wrap) if role_change => wrap.around(ask),
+                Some(wrap) if down => match wrap.refuse_down() {
+                    Some(why) => Reply::Error { message: why },
+                    None => ask(),
+                },
                 _ => ask(),
             }
         }

@@ -95,7 +95,8 @@ impl Linear {
         dmsetup(&["info", &self.name]).is_ok()
     }
 
-    fn open_count(&self) -> Result<u64, DmError> {
+    /// How many openers hold the device (a mounted filesystem, an active LV, a process).
+    pub fn open_count(&self) -> Result<u64, DmError> {
         let out = dmsetup(&["info", "-c", "--noheadings", "-o", "open", &self.name])?;
         out.trim().parse().map_err(|e| DmError::Dmsetup {
             args: format!("info -c -o open {}", self.name),

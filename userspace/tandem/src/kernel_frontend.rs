@@ -243,15 +243,23 @@ impl Serving {
 /// Wraps a role change in `dmsetup suspend` / `resume` of the user-facing table, so that I/O
 /// above waits while the node changes role instead of failing.
 pub struct RoleWrap {
-    pub linear: crate::dm::Linear,
+    linear: crate::dm::Linear,
     /// Suspend only while the frontend serves: suspending waits for the I/O in flight, and a
     /// quiesced ublk device (waiting to be recovered by this very promotion) completes none.
-    pub live: Arc<AtomicBool>,
+    live: Arc<AtomicBool>,
+    /// One role change at a time: two control connections must not interleave their
+    /// suspends and resumes (the first resume would let I/O meet the second change).
+    serial: std::sync::Mutex<()>,
 }
 
 impl RoleWrap {
+    pub fn new(linear: crate::dm::Linear, live: Arc<AtomicBool>) -> RoleWrap {
+        RoleWrap { linear, live, serial: std::sync::Mutex::new(()) }
+    }
+
     /// Suspends, runs `change`, resumes (also when `change` fails).
     pub fn around<T>(&self, change: impl FnOnce() -> T) -> T {
+        let _one_at_a_time = self.serial.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let suspended = self.live.load(Ordering::Acquire)
             && match self.linear.suspend() {
                 Ok(()) => true,
@@ -271,6 +279,25 @@ impl RoleWrap {
             }
         }
         out
+    }
+
+    /// Why `tandem down` must not go ahead, if it must not: the table is still open, and
+    /// removing it would fail after the node had already ended (leaving a table over a device
+    /// nobody serves).
+    pub fn refuse_down(&self) -> Option<String> {
+        match self.linear.open_count() {
+            Ok(0) => None,
+            Ok(n) => Some(format!(
+                "{} is still open ({n} opener{}: a mounted filesystem, an active volume group?): unmount it or \
+                 deactivate the volume group (`vgchange -an`) first; nothing was changed",
+                self.linear.path().display(),
+                if n == 1 { "" } else { "s" }
+            )),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the table's open count before `down`");
+                None
+            }
+        }
     }
 }
 

@@ -498,7 +498,7 @@ pub fn run_daemon(config: Config) -> Result<()> {
     let _ = inbox.send(Input::Record(record));
     *device.lock().expect("device lock") = Some(user_device.clone());
     tracing::info!(volume = %config.volume, device = %user_device, frontend = %device_path, "volume exposed");
-    let wrap = linear.clone().map(|linear| Arc::new(kernel_frontend::RoleWrap { linear, live }));
+    let wrap = linear.clone().map(|linear| Arc::new(kernel_frontend::RoleWrap::new(linear, live)));
     crate::control::serve_with(&config.control, inbox, wrap)?;
 
     let result = node_thread.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the node's home thread panicked")));

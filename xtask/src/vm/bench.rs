@@ -17,7 +17,7 @@ use clap::Args;
 
 use super::{fetch, shell_quote, Skip, VmTestArgs};
 use crate::cmd::Cmd;
-use crate::paths::workspace_root;
+use crate::paths::{target_dir, workspace_root};
 use crate::tools::is_root;
 
 #[derive(Args)]
@@ -123,7 +123,7 @@ fn run_inner(args: &VmBenchArgs) -> Result<()> {
             .run()
             .context("building tandem (release) for the guest")?;
     }
-    let built = workspace_root().join("target/release/tandem");
+    let built = target_dir().join("release/tandem");
     if !built.is_file() {
         bail!("{} does not exist: build it (or drop --no-build)", built.display());
     }

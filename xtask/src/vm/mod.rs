@@ -22,7 +22,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use crate::cmd::Cmd;
-use crate::paths::workspace_root;
+use crate::paths::{target_dir, workspace_root};
 use crate::tools::is_root;
 
 use qemu::{Boot, Ending};
@@ -240,11 +240,11 @@ fn scenario_command(names: &str, build: bool, bin: &Path) -> Result<String> {
             .run()
             .context("building the ublk_file example for the guest")?;
     }
-    let binaries = [("TANDEM", "target/debug/tandem"), ("UBLK_FILE", "target/debug/examples/ublk_file")];
+    let binaries = [("TANDEM", "debug/tandem"), ("UBLK_FILE", "debug/examples/ublk_file")];
     let mut command = String::new();
     std::fs::create_dir_all(bin).with_context(|| format!("creating {}", bin.display()))?;
     for (variable, built) in binaries {
-        let built = workspace_root().join(built);
+        let built = target_dir().join(built);
         if !built.is_file() {
             bail!("{} does not exist: build it (or drop --no-build)", built.display());
         }

@@ -111,8 +111,19 @@ step "verify: the secondary's replica is identical"
 timeout 300 "$TANDEM" -c "$W/node0.toml" verify
 tandem 0 status
 
-step "down"
+step "down is refused while the table is open, and changes nothing"
 tandem 0 secondary
+exec 3< /dev/mapper/tandem-vol0
+if refusal=$(tandem 0 down 2>&1); then
+    echo "tandem down went ahead with /dev/mapper/tandem-vol0 open"
+    exit 1
+fi
+echo "$refusal"
+echo "$refusal" | grep -q "still open"
+exec 3<&-
+tandem 0 status | grep -q "role:Secondary"
+
+step "down"
 tandem 0 down
 tandem 1 down
 if dmsetup info tandem-vol0 > /dev/null 2>&1 || dmsetup info tandem-vol0-n1 > /dev/null 2>&1; then
