@@ -15,35 +15,22 @@
 # $OUT/<row>-<job>-r<round>.json; the host reads it and prints the ratios.
 # Run by `sh -eu` with TANDEM, DRBD_UTILS (drbd-utils unpacked with dpkg -x), OUT, RUNTIME
 # (seconds per job), SIZE_MIB (the device size), REGION_MIB (fio's --size) and ROUNDS set.
-. "$(dirname "$0")/lib.sh"
 : "${TANDEM:?TANDEM must name the tandem binary}"
 : "${DRBD_UTILS:?DRBD_UTILS must name the unpacked drbd-utils}"
 : "${OUT:?OUT must name the results directory}"
-: "${RUNTIME:?RUNTIME must give each fio job's seconds}"
-: "${SIZE_MIB:?SIZE_MIB must give the devices' size}"
-: "${REGION_MIB:?REGION_MIB must give fio's region}"
+: "${RUNTIME:?RUNTIME must give the seconds of each fio job}"
+: "${SIZE_MIB:?SIZE_MIB must give the size of the devices}"
+: "${REGION_MIB:?REGION_MIB must give the region fio writes}"
 : "${ROUNDS:?ROUNDS must give how many times each row runs}"
-W=/tmp/tandem-bench
-mkdir -p "$W" "$OUT"
-cd "$W"
-started=$(date +%s)
+SCENARIO=bench STEP_ELAPSED=1 FAILURE_LOGS='*.log'
+# shellcheck source=xtask/src/vm/scenarios/lib.sh
+. "$(dirname "$0")/lib.sh"
+mkdir -p "$OUT"
 
-step() {
-    echo "== bench: [$(($(date +%s) - started)) s] $*"
+on_failure() {
+    cat /proc/drbd 2>/dev/null || true
+    dmsetup table 2>/dev/null || true
 }
-
-on_exit() {
-    status=$?
-    if [ "$status" -ne 0 ]; then
-        echo "== bench: FAILED (exit status $status)"
-        for log in "$W"/*.log; do
-            [ -f "$log" ] && { echo "--- $log"; tail -n 40 "$log"; }
-        done
-        cat /proc/drbd 2>/dev/null || true
-        dmsetup table 2>/dev/null || true
-    fi
-}
-trap on_exit EXIT
 
 # The jobs of xtask/src/bench.rs (JOBS), on one device: <row>-<qd1|qd32|seq>-r<round>.json. With
 # --lat_percentiles, because the latency that compares is submission + completion: brd
@@ -69,19 +56,6 @@ w = json.load(open(sys.argv[1]))["jobs"][0]["write"]
 print("   %s: %.0f IOPS, %.1f MiB/s, p50 %.1f us" % (sys.argv[2], w["iops"], w["bw"] / 1024, w["lat_ns"]["percentile"]["50.000000"] / 1000))' \
             "$OUT/$row-$job-r$round.json" "$row $job"
     done
-}
-
-wait_for() {
-    what=$1
-    shift
-    for _ in $(seq 1 1200); do
-        if "$@" > /dev/null 2>&1; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    echo "timed out after 120 s waiting for $what"
-    return 1
 }
 
 step "kernel $(uname -r); $(fio --version); brd: 10 RAM disks of $SIZE_MIB MiB; fio region $REGION_MIB MiB, $RUNTIME s per job"
@@ -119,6 +93,8 @@ tandem_row() {
     nodes="0 1"
     [ -n "$d1" ] || nodes=0
     rm -f "$W/$row"*
+    # tandem N: $W/<row>N.toml
+    CONF_PREFIX=$row
     for id in $nodes; do
         peer=$((1 - id))
         if [ "$id" = 0 ]; then data=$d0; dm=tandem-vol0; else data=$d1; dm=tandem-vol0-n1; fi
@@ -144,17 +120,17 @@ TOML
         if [ -n "$d1" ]; then
             printf '\n[[peer]]\nid = %s\naddress = "127.0.0.1:%s"\n' "$peer" "$((port + peer))" >> "${row}$id.toml"
         fi
-        "$TANDEM" -c "${row}$id.toml" create-md > /dev/null
+        tandem "$id" create-md > /dev/null
     done
-    "$TANDEM" -c "${row}0.toml" up --log "$W/$row-node0.log" > /dev/null
-    [ -z "$d1" ] || "$TANDEM" -c "${row}1.toml" up --log "$W/$row-node1.log" > /dev/null
-    retry_handshake "$TANDEM" -c "${row}0.toml" primary
-    timeout 120 "$TANDEM" -c "${row}0.toml" status --watch > /dev/null
-    "$TANDEM" -c "${row}0.toml" status
+    tandem 0 up --log "$W/$row-node0.log" > /dev/null
+    [ -z "$d1" ] || tandem 1 up --log "$W/$row-node1.log" > /dev/null
+    retry_handshake tandem 0 primary
+    tandem_within 120 0 status --watch > /dev/null
+    tandem 0 status
     run_jobs /dev/mapper/tandem-vol0 "$row"
-    "$TANDEM" -c "${row}0.toml" secondary
-    [ -z "$d1" ] || "$TANDEM" -c "${row}1.toml" down
-    "$TANDEM" -c "${row}0.toml" down
+    tandem 0 secondary
+    [ -z "$d1" ] || tandem 1 down
+    tandem 0 down
 }
 
 # --- DRBD 8.4 (the kernel's module) with drbd-utils unpacked from Debian's package: its
@@ -203,11 +179,11 @@ CONF
         drbdadm -c "$conf" -- --force create-md "p$protocol-$side"
         drbdadm -c "$conf" up "p$protocol-$side"
     done
-    wait_for "DRBD to connect" sh -c "drbdadm -c '$conf' cstate p$protocol-a | grep -qx Connected"
+    wait_for 120 "DRBD to connect" sh -c "drbdadm -c '$conf' cstate p$protocol-a | grep -qx Connected"
     drbdadm -c "$conf" dstate "p$protocol-a"
     # Both sides are zeroed RAM disks, identical: no initial sync needed.
     drbdadm -c "$conf" -- --clear-bitmap new-current-uuid "p$protocol-a"
-    wait_for "both DRBD sides UpToDate" sh -c "drbdadm -c '$conf' dstate p$protocol-a | grep -qx UpToDate/UpToDate"
+    wait_for 120 "both DRBD sides UpToDate" sh -c "drbdadm -c '$conf' dstate p$protocol-a | grep -qx UpToDate/UpToDate"
     drbdadm -c "$conf" primary "p$protocol-a"
     cat /proc/drbd
     run_jobs "/dev/drbd$minor" "drbd-$protocol"

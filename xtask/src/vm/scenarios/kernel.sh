@@ -10,52 +10,21 @@
 # `--devices`: each node's table carries the same PV label once replicated.
 # Run by `sh -eu` with TANDEM and DM_SETUP set; no udev in the guest (DM_DISABLE_UDEV=1).
 : "${TANDEM:?TANDEM must name the tandem binary}"
-: "${DM_SETUP:?DM_SETUP must name the repository's dm-setup directory}"
-W=/tmp/tandem-kernel
-mkdir -p "$W/mnt" "$W/lvm"
-cd "$W"
+: "${DM_SETUP:?DM_SETUP must name the dm-setup directory of the repository}"
+SCENARIO=kernel STEP_ELAPSED=1
+FAILURE_LOGS='node*.log' FAILURE_SAID="the daemons' logs" FAILURE_TAIL=60
+# shellcheck source=xtask/src/vm/scenarios/lib.sh
 . "$(dirname "$0")/lib.sh"
-started=$(date +%s)
+mkdir -p mnt lvm
 
-step() {
-    echo "== kernel: [$(($(date +%s) - started)) s] $*"
-}
-
-on_exit() {
-    status=$?
-    if [ "$status" -ne 0 ]; then
-        echo "== kernel: FAILED (exit status $status); the daemons' logs:"
-        for log in "$W"/node*.log; do
-            [ -f "$log" ] && { echo "--- $log"; tail -n 60 "$log"; }
-        done
-        dmsetup table 2>/dev/null || true
-        for n in 0 1; do "$TANDEM" -c "$W/node$n.toml" status 2>&1 || true; done
-    fi
-}
-trap on_exit EXIT
-
-tandem() {
-    node=$1
-    shift
-    "$TANDEM" -c "$W/node$node.toml" "$@"
+on_failure() {
+    dmsetup table 2>/dev/null || true
+    for n in 0 1; do tandem "$n" status 2>&1 || true; done
 }
 
 # `tandem N up` prints "... (daemon pid P, log ...)".
 daemon_pid() {
     sed -n 's/.*daemon pid \([0-9]*\).*/\1/p' "$1"
-}
-
-wait_for() {
-    what=$1
-    shift
-    for _ in $(seq 1 600); do
-        if "$@" > /dev/null 2>&1; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    echo "timed out after 60 s waiting for $what"
-    return 1
 }
 
 # Set bits in the pinned bitmap map, as bpftool dumps it.
@@ -65,11 +34,7 @@ bitmap_bits() {
 }
 
 # No udev here: LVM must neither wait for it nor ask it for the device list.
-{
-    cat "$DM_SETUP/lvm/tandem.conf"
-    printf '%s\n' 'activation {' '    udev_sync = 0' '    udev_rules = 0' '}' \
-        'devices {' '    obtain_device_list_from_udev = 0' '}'
-} > lvm/lvm.conf
+{ cat "$DM_SETUP/lvm/tandem.conf"; lvm_without_udev; } > lvm/lvm.conf
 export LVM_SYSTEM_DIR="$W/lvm"
 side0="--devices /dev/mapper/tandem-vol0"
 side1="--devices /dev/mapper/tandem-vol0-n1"
@@ -78,36 +43,14 @@ step "kernel $(uname -r): ublk_drv, dm_mod; two nodes with frontend = \"ublk\""
 modprobe ublk_drv
 modprobe dm_mod
 for id in 0 1; do
-    peer=$((1 - id))
-    cat > "node$id.toml" <<TOML
-[volume]
-name = "vol0"
-id = 9
-size = "256MiB"
-mode = "memory"
-secret = "vm-test kernel secret, 16+ bytes"
-
-[node]
-id = $id
-data = "$W/node$id.img"
-meta = "$W/node$id.meta"
-listen = "127.0.0.1:778$id"
-control = "$W/node$id.sock"
-frontend = "ublk"
-dm_name = "$(if [ "$id" = 0 ]; then echo tandem-vol0; else echo tandem-vol0-n1; fi)"
-record_pin = "vol0-node$id"
-
-[[peer]]
-id = $peer
-address = "127.0.0.1:778$peer"
-TOML
+    node_config "$id" 9 7780 ublk
     tandem "$id" create-md > /dev/null
 done
 tandem 0 up --log "$W/node0.log" | tee up0.out
 tandem 1 up --log "$W/node1.log" | tee up1.out
 pid0=$(daemon_pid up0.out)
 retry_handshake tandem 0 primary
-timeout 120 "$TANDEM" -c "$W/node0.toml" status --watch
+tandem_within 120 0 status --watch
 tandem 0 status --json > status0.json
 grep -q '"device": "/dev/mapper/tandem-vol0"' status0.json
 grep -q '"kind": "ublk"' status0.json
@@ -127,11 +70,7 @@ lvcreate -q -y $side0 -n data -l 100%FREE tvg
 pvs $side0
 mkfs.ext4 -q /dev/tvg/data
 mount /dev/tvg/data mnt
-for i in 1 2 3 4; do
-    dd if=/dev/urandom of="mnt/file$i" bs=1M count=4 status=none
-done
-sync
-(cd mnt && sha256sum file* > ../sums)
+write_files 4
 step "the pinned eBPF maps (bpftool): $(bitmap_bits vol0-node0) tracks marked right after the writes"
 bpftool map show pinned /sys/fs/bpf/tandem/vol0-node0/bitmap
 
@@ -176,7 +115,7 @@ if ! grep -q "the device survived the previous daemon" "$W/node0.log"; then
     exit 1
 fi
 tandem 0 status
-timeout 120 "$TANDEM" -c "$W/node0.toml" status --watch
+tandem_within 120 0 status --watch
 retry_handshake tandem 0 primary
 wait "$writer"
 wait "$late"
@@ -195,7 +134,7 @@ for i in $(seq 1 24); do
     cmp "w$i" "mnt/w$i"
 done
 cmp during mnt/during
-(cd mnt && sha256sum -c ../sums)
+check_files
 (cd mnt && sha256sum w* during >> ../sums)
 if dmesg | tail -n +"$((dmesg_before + 1))" | grep -i "I/O error\|EXT4-fs error\|Buffer I/O"; then
     echo "the kernel logged I/O errors above the primary's device"
@@ -206,9 +145,9 @@ step "failover: node 0 stops its stack and its daemon is killed; node 1 becomes 
 umount mnt
 # shellcheck disable=SC2086
 vgchange -q -an $side0 tvg
-timeout 120 "$TANDEM" -c "$W/node0.toml" status --watch
+tandem_within 120 0 status --watch
 kill -9 "$pid0"
-wait_for "node 1 to lose node 0" sh -c "! '$TANDEM' -c '$W/node1.toml' status | grep -q 'connection:Connected'"
+wait_for 60 "node 1 to lose node 0" sh -c "! '$TANDEM' -c '$W/node1.toml' status | grep -q 'connection:Connected'"
 retry_handshake tandem 1 primary
 tandem 1 status
 # shellcheck disable=SC2086
@@ -216,14 +155,14 @@ pvs $side1
 # shellcheck disable=SC2086
 vgchange -q -ay $side1 tvg
 mount /dev/tvg/data mnt
-(cd mnt && sha256sum -c ../sums)
+check_files
 umount mnt
 e2fsck -fn /dev/tvg/data
 # shellcheck disable=SC2086
 vgchange -q -an $side1 tvg
 step "node 0 back as secondary of node 1; its pending re-attach ends with \`down\`"
 tandem 0 up --log "$W/node0.log" > /dev/null
-timeout 120 "$TANDEM" -c "$W/node0.toml" status --watch
+tandem_within 120 0 status --watch
 tandem 0 status | grep -q "re-attach pending"
 tandem 0 down
 # The table (nothing held it) is gone; the device stays quiesced for a later start.

@@ -5,32 +5,15 @@
 # ext4 on the primary's, writes files and checks them after a remount and with `tandem verify`
 # against the secondary; `tandem down` removes the tables.
 # Run by `sh -eu` with TANDEM set to the host-built binary; no udev here (DM_DISABLE_UDEV=1).
-. "$(dirname "$0")/lib.sh"
 : "${TANDEM:?TANDEM must name the tandem binary}"
-W=/tmp/tandem-smoke
-mkdir -p "$W/mnt"
-cd "$W"
+SCENARIO=smoke
+FAILURE_LOGS='node*.log' FAILURE_SAID="the daemons' logs"
+# shellcheck source=xtask/src/vm/scenarios/lib.sh
+. "$(dirname "$0")/lib.sh"
+mkdir -p mnt
 
-step() {
-    echo "== smoke: $*"
-}
-
-on_exit() {
-    status=$?
-    if [ "$status" -ne 0 ]; then
-        echo "== smoke: FAILED (exit status $status); the daemons' logs:"
-        for log in "$W"/node*.log; do
-            [ -f "$log" ] && { echo "--- $log"; tail -n 40 "$log"; }
-        done
-        dmsetup table 2>/dev/null || true
-    fi
-}
-trap on_exit EXIT
-
-tandem() {
-    node=$1
-    shift
-    "$TANDEM" -c "$W/node$node.toml" "$@"
+on_failure() {
+    dmsetup table 2>/dev/null || true
 }
 
 step "kernel $(uname -r): load ublk_drv, dm_mod, loop"
@@ -55,37 +38,13 @@ losetup -d "$loop"
 
 step "two tandem nodes over loopback (file frontend)"
 for id in 0 1; do
-    peer=$((1 - id))
-    cat > "node$id.toml" <<TOML
-[volume]
-name = "vol0"
-id = 7
-size = "256MiB"
-mode = "memory"
-secret = "vm-test smoke secret, 16+ bytes"
-
-[node]
-id = $id
-data = "$W/node$id.img"
-meta = "$W/node$id.meta"
-listen = "127.0.0.1:779$id"
-control = "$W/node$id.sock"
-mountpoint = "$W/fuse$id"
-frontend = "file"
-dm_name = "$(if [ "$id" = 0 ]; then echo tandem-vol0; else echo tandem-vol0-n1; fi)"
-# Both nodes run in this one guest: each needs its own pinned eBPF record.
-record_pin = "vol0-node$id"
-
-[[peer]]
-id = $peer
-address = "127.0.0.1:779$peer"
-TOML
+    node_config "$id" 7 7790 file "mountpoint = \"$W/fuse$id\""
     tandem "$id" create-md
 done
 tandem 0 up --log "$W/node0.log"
 tandem 1 up --log "$W/node1.log"
 retry_handshake tandem 0 primary
-timeout 120 "$TANDEM" -c "$W/node0.toml" status --watch
+tandem_within 120 0 status --watch
 # The user-facing device comes first; the frontend's own follows under "frontend".
 device=$(tandem 0 status --json | sed -n 's/^ *"device": *"\([^"]*\)".*/\1/p' | head -n 1)
 test -b "$device"
@@ -97,18 +56,14 @@ test "$device" = /dev/mapper/tandem-vol0
 dmsetup table tandem-vol0
 mkfs.ext4 -q /dev/mapper/tandem-vol0
 mount /dev/mapper/tandem-vol0 mnt
-for i in 1 2 3 4; do
-    dd if=/dev/urandom of="mnt/file$i" bs=1M count=4 status=none
-done
-(cd mnt && sha256sum file* > ../sums)
-sync
+write_files 4
 umount mnt
 mount /dev/mapper/tandem-vol0 mnt
-(cd mnt && sha256sum -c ../sums)
+check_files
 umount mnt
 
 step "verify: the secondary's replica is identical"
-timeout 300 "$TANDEM" -c "$W/node0.toml" verify
+tandem_within 300 0 verify
 tandem 0 status
 
 step "down is refused while the table is open, and changes nothing"

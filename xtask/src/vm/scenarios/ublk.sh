@@ -5,37 +5,14 @@
 # writer finishes without an I/O error; every file checks, and e2fsck finds the fs clean.
 # Run by `sh -eu` with UBLK_FILE set to the host-built example; no udev here.
 : "${UBLK_FILE:?UBLK_FILE must name the ublk_file example binary}"
-W=/tmp/tandem-ublk
-mkdir -p "$W/mnt"
-cd "$W"
+SCENARIO=ublk
+FAILURE_LOGS='server*.log' FAILURE_SAID="the servers' logs"
+# shellcheck source=xtask/src/vm/scenarios/lib.sh
+. "$(dirname "$0")/lib.sh"
+mkdir -p mnt
 
-step() {
-    echo "== ublk: $*"
-}
-
-on_exit() {
-    status=$?
-    if [ "$status" -ne 0 ]; then
-        echo "== ublk: FAILED (exit status $status); the servers' logs:"
-        for log in "$W"/server*.log; do
-            [ -f "$log" ] && { echo "--- $log"; tail -n 40 "$log"; }
-        done
-        ls -l /dev/ublk* 2>/dev/null || true
-    fi
-}
-trap on_exit EXIT
-
-# Waits until FILE has a line; prints it.
-first_line() {
-    for _ in $(seq 1 600); do
-        if [ -s "$1" ]; then
-            head -n 1 "$1"
-            return 0
-        fi
-        sleep 0.1
-    done
-    echo "no line in $1 after 60 s" >&2
-    return 1
+on_failure() {
+    ls -l /dev/ublk* 2>/dev/null || true
 }
 
 step "load ublk_drv"
@@ -47,9 +24,9 @@ truncate -s 256M backing.img
 # The server moves itself into a mount namespace of its own (a server whose namespace holds a
 # filesystem on its own device can deadlock on exit); a recovering one detaches the copies of
 # the mounts on its device there.
-"$UBLK_FILE" "$W/backing.img" > server1.out 2> server1.log &
-server1=$!
-device=$(first_line server1.out)
+ublk_serve server1
+server1=$served
+device=$served_device
 id=${device#/dev/ublkb}
 test -b "$device"
 echo "device $device (id $id), server pid $server1"
@@ -58,33 +35,24 @@ cat "/sys/block/ublkb$id/queue/logical_block_size" "/sys/block/ublkb$id/queue/wr
 step "ext4 on $device, files written and checked"
 mkfs.ext4 -q "$device"
 mount "$device" mnt
-for i in 1 2 3 4; do
-    dd if=/dev/urandom of="mnt/file$i" bs=1M count=4 status=none
-done
-sync
-(cd mnt && sha256sum file* > ../sums)
-(cd mnt && sha256sum -c ../sums)
+write_files 4
+check_files
 
 step "kill -9 of the server under a mounted filesystem, with a writer running"
 dd if=/dev/urandom of=during bs=1M count=8 status=none
 kill -9 "$server1"
 wait "$server1" || true
 # Written after the server died: queued by the kernel (user recovery), not failed.
-(dd if=during of=mnt/during bs=1M conv=fsync status=none && echo "writer: done") > writer.out 2>&1 &
-writer=$!
+writer_start
 sleep 2
 echo "writer still waiting for the device: $(kill -0 "$writer" 2>/dev/null && echo yes || echo no)"
 
 step "a new server re-attaches to $device"
-"$UBLK_FILE" "$W/backing.img" --recover "$id" > server2.out 2> server2.log &
-server2=$!
-recovered=$(first_line server2.out)
-test "$recovered" = "$device"
-wait "$writer"
-cat writer.out
-grep -q "writer: done" writer.out
-cmp during mnt/during
-(cd mnt && sha256sum -c ../sums)
+ublk_serve server2 --recover "$id"
+server2=$served
+test "$served_device" = "$device"
+writer_done
+check_files
 sync
 umount mnt
 e2fsck -fn "$device"
