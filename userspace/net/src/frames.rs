@@ -73,6 +73,13 @@ impl FrameReader {
         }
     }
 
+    /// Whether a whole frame is buffered: the next [`FrameReader::next_frame`] returns it (or
+    /// fails to decode it) without reading.
+    pub fn has_frame(&self) -> bool {
+        let buffered = self.buffered();
+        buffered.len() >= HEADER_LEN && peek_header(buffered).is_ok_and(|header| header.frame_len() <= buffered.len())
+    }
+
     /// Reads until at least `n` bytes are buffered (`n` at most [`MAX_FRAME`]).
     pub fn fill_to(&mut self, r: &mut impl Read, n: usize) -> Result<(), ReadError> {
         assert!(n <= MAX_FRAME, "asked to buffer {n} bytes, more than one frame");

@@ -58,15 +58,23 @@ pub(crate) struct Session {
     pub recv_seq: u64,
 }
 
-/// Runs the link until it ends and returns why. `deliver` gets every message that is not
-/// keepalive traffic, in the order received.
+/// What the reader hands its owner.
+pub(crate) enum Delivered {
+    /// A message that is not keepalive traffic, in the order received.
+    Message(Message),
+    /// The messages delivered since the last `Drained` were all those the reader had
+    /// buffered: it is about to wait for the socket (or the link is ending).
+    Drained,
+}
+
+/// Runs the link until it ends and returns why; `deliver` gets what it reads.
 pub(crate) fn run(
     stream: TcpStream,
     reader: FrameReader,
     session: Session,
     queue: Arc<SendQueue>,
     closer: Arc<Closer>,
-    deliver: &mut dyn FnMut(Message),
+    deliver: &mut dyn FnMut(Delivered),
 ) -> LinkError {
     // One read timeout covers "nothing arrives for `timeout`": the peer pings every
     // `keepalive` when it has nothing else to say, so a read that waits longer means the
@@ -106,15 +114,40 @@ fn ended_reason(closer: &Closer) -> LinkError {
 
 fn read_loop(
     stream: &TcpStream,
+    reader: FrameReader,
+    s: &Session,
+    queue: &SendQueue,
+    epoch: Instant,
+    deliver: &mut dyn FnMut(Delivered),
+) -> LinkError {
+    let mut undrained = false;
+    let ended = read_frames(stream, reader, s, queue, epoch, &mut |d| {
+        undrained = matches!(d, Delivered::Message(_));
+        deliver(d)
+    });
+    if undrained {
+        deliver(Delivered::Drained);
+    }
+    ended
+}
+
+fn read_frames(
+    stream: &TcpStream,
     mut reader: FrameReader,
     s: &Session,
     queue: &SendQueue,
     epoch: Instant,
-    deliver: &mut dyn FnMut(Message),
+    deliver: &mut dyn FnMut(Delivered),
 ) -> LinkError {
     let mut expected = s.recv_seq;
     let mut input = PollingReader::new(stream, POLL_WINDOW);
+    let mut undrained = false;
     loop {
+        if undrained && !reader.has_frame() {
+            // A burst's messages go out together: the owner may act on them at once.
+            deliver(Delivered::Drained);
+            undrained = false;
+        }
         let frame = match reader.next_frame(&mut input) {
             Ok(frame) => frame,
             Err(ReadError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return LinkError::Silent(s.timeout),
@@ -143,7 +176,10 @@ fn read_loop(
             }
             Message::Hello(_) => return LinkError::LateHandshake("Hello"),
             Message::HelloAck { .. } => return LinkError::LateHandshake("HelloAck"),
-            msg => deliver(msg),
+            msg => {
+                deliver(Delivered::Message(msg));
+                undrained = true;
+            }
         }
     }
 }

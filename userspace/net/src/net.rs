@@ -71,6 +71,11 @@ pub enum NetEvent {
 /// or call back into the `Net` (its `disconnect` waits for a `Lost` this would be holding up).
 pub trait EventSink: Send + Sync + 'static {
     fn event(&self, event: NetEvent);
+
+    /// The `Message`s of `peer` delivered since its last `drained` were every one its link's
+    /// reader had buffered: the reader is about to wait for the socket, or the link is ending
+    /// (before its `Lost`). An owner that queues messages to act on a burst at once acts now.
+    fn drained(&self, _peer: NodeId) {}
 }
 
 impl EventSink for Sender<NetEvent> {
@@ -558,8 +563,10 @@ impl Shared {
             recv_seq,
         };
         let events = &self.events;
-        let reason =
-            link::run(stream, reader, session, queue, closer, &mut |msg| events.event(NetEvent::Message { peer, msg }));
+        let reason = link::run(stream, reader, session, queue, closer, &mut |delivered| match delivered {
+            link::Delivered::Message(msg) => events.event(NetEvent::Message { peer, msg }),
+            link::Delivered::Drained => events.drained(peer),
+        });
         self.retire(peer, id, addr, reason);
         Ok(())
     }

@@ -295,6 +295,58 @@ fn events_can_go_to_a_function() {
     assert_eq!(got, NetEvent::Message { peer: 0, msg: Message::ReceiptAck { id: 5 } });
 }
 
+/// Records events and `drained` calls in the order they happen.
+struct Recording(Mutex<std::sync::mpsc::Sender<String>>);
+
+impl EventSink for Recording {
+    fn event(&self, e: NetEvent) {
+        let said = match e {
+            NetEvent::Message { msg: Message::Flush { id }, .. } => format!("m{id}"),
+            NetEvent::Lost { .. } => "lost".into(),
+            other => format!("{other:?}"),
+        };
+        let _ = self.0.lock().unwrap().send(said);
+    }
+
+    fn drained(&self, peer: NodeId) {
+        let _ = self.0.lock().unwrap().send(format!("drained{peer}"));
+    }
+}
+
+#[test]
+fn a_burst_is_delivered_then_drained_and_the_last_drain_comes_before_lost() {
+    let (tx, rx) = channel();
+    let b = Net::start(config(1, vec![(0, UNUSED.parse().unwrap())]), Recording(Mutex::new(tx))).expect("start");
+    let a = Node::start(config(0, vec![(1, b.local_addr())]));
+    a.expect_connected(1);
+    let next = || rx.recv_timeout(Duration::from_secs(3)).expect("an event");
+    assert_eq!(next(), "Connected { peer: 0 }");
+    // One send system call carries the whole burst.
+    for id in 0..200 {
+        a.net.queue(1, Message::Flush { id });
+    }
+    a.net.flush();
+    let (mut messages, mut drains) = (0, 0);
+    let mut last = String::new();
+    while messages < 200 || last != "drained0" {
+        last = next();
+        match last.as_str() {
+            "drained0" => drains += 1,
+            m => {
+                assert_eq!(m, format!("m{messages}"), "messages in order");
+                messages += 1;
+            }
+        }
+    }
+    assert!(drains < messages, "{drains} drains for {messages} messages: a burst should be drained as one");
+    // Messages then the link's end: the owner hears `drained` before `Lost`.
+    a.net.send(1, Message::Flush { id: 200 });
+    drop(a);
+    assert_eq!(next(), "m200");
+    assert_eq!(next(), "drained0");
+    assert_eq!(next(), "lost");
+}
+
 #[test]
 fn an_idle_link_is_kept_alive_by_pings() {
     let (a, b) = connected_pair();

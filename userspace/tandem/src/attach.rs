@@ -26,7 +26,7 @@ use crate::control::{AttachView, Reply};
 use crate::daemon::{reply_to, Daemon, Edges, HostOp, Input};
 use crate::inbox::Inbox;
 use crate::kernel_record::{KernelRecord, KernelRecordError, RecordSpec, TrackSet};
-use crate::runtime::Links;
+use crate::runtime::{Links, NodeSink};
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use std::fs::File;
@@ -778,7 +778,7 @@ pub fn run_daemon(config: Config) -> Result<()> {
         NetConfig::new(config.node, config.volume_id, config.secret.clone(), config.listen, config.peers.clone());
     net_config.keepalive = config.keepalive;
     net_config.timeout = config.timeout;
-    let net = Net::start(net_config, Links::sink(inbox.clone()))?;
+    let net = Net::start(net_config, NodeSink(inbox.clone()))?;
 
     let view = Arc::new(Mutex::new(AttachView {
         device: device_path.clone(),

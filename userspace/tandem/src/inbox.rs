@@ -110,6 +110,18 @@ impl Inbox {
         Ok(())
     }
 
+    /// Queues `input` without driving the node: for a caller with more inputs right behind
+    /// it (a link's reader with a burst of messages), which calls [`Inbox::drive`] after the
+    /// last, so that the burst is one turn and its answers leave together.
+    pub fn queue(&self, input: Input) -> Result<(), Stopped> {
+        self.push(input)
+    }
+
+    /// Drives the node here over what is queued, unless another thread is driving it.
+    pub fn drive(&self) {
+        self.drive_here();
+    }
+
     /// Queues `input` for the home thread. For callers that hold a lock the node's actions
     /// may take (the network's table, while it delivers `Connected` and `Lost`).
     pub fn post(&self, input: Input) -> Result<(), Stopped> {
@@ -121,7 +133,7 @@ impl Inbox {
     /// Runs `chore` on the home thread, outside the node's lock, after the chores queued
     /// before it: for calls that wait for threads that may be waiting for the node.
     pub fn off_node(&self, chore: Chore) {
-        let mut q = self.queue();
+        let mut q = self.lock_queue();
         if q.closed {
             return;
         }
@@ -137,12 +149,12 @@ impl Inbox {
         std::thread::Builder::new().name("node".into()).spawn(move || inbox.home(runner))
     }
 
-    fn queue(&self) -> MutexGuard<'_, Queue> {
+    fn lock_queue(&self) -> MutexGuard<'_, Queue> {
         self.shared.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn push(&self, input: Input) -> Result<(), Stopped> {
-        let mut q = self.queue();
+        let mut q = self.lock_queue();
         if q.closed {
             return Err(Stopped);
         }
@@ -173,7 +185,7 @@ impl Inbox {
         let mut next = Next::Stop;
         for _ in 0..ROUNDS {
             let batch: Vec<Input> = {
-                let mut q = self.queue();
+                let mut q = self.lock_queue();
                 if q.closed {
                     return;
                 }
@@ -184,13 +196,13 @@ impl Inbox {
                 Ok(next) => next,
                 Err(_) => {
                     // The panic hook has printed it; the node's state cannot be trusted.
-                    let mut q = self.queue();
+                    let mut q = self.lock_queue();
                     q.panicked = true;
                     self.close(&mut q);
                     return;
                 }
             };
-            if next == Next::Stop || self.queue().inputs.is_empty() {
+            if next == Next::Stop || self.lock_queue().inputs.is_empty() {
                 break;
             }
         }
@@ -198,7 +210,7 @@ impl Inbox {
     }
 
     fn publish(&self, next: Next) {
-        let mut q = self.queue();
+        let mut q = self.lock_queue();
         match next {
             Next::Stop => self.close(&mut q),
             Next::At(at) => {
@@ -219,7 +231,7 @@ impl Inbox {
     }
 
     fn hand_over_leftovers(&self) {
-        let q = self.queue();
+        let q = self.lock_queue();
         if !q.inputs.is_empty() {
             self.shared.home.notify_one();
         }
@@ -232,7 +244,7 @@ impl Inbox {
         self.publish(next);
         loop {
             let chores: Vec<Chore> = {
-                let mut q = self.queue();
+                let mut q = self.lock_queue();
                 loop {
                     if q.closed || !q.inputs.is_empty() || !q.chores.is_empty() || Instant::now() >= q.due {
                         break;
@@ -258,7 +270,7 @@ impl Inbox {
         // last turn.
         let runner = self.shared.runner.lock().unwrap_or_else(PoisonError::into_inner).take();
         drop(runner);
-        let q = self.queue();
+        let q = self.lock_queue();
         if q.panicked {
             anyhow::bail!("the node's state machine panicked (see the message above); the daemon stops");
         }

@@ -104,18 +104,26 @@ impl Links {
         let net = self.net.clone();
         self.inbox.off_node(Box::new(move || net.reconnect(peer)));
     }
+}
 
-    /// The network's events as the node's inputs. `Connected` and `Lost` come under the
-    /// network's lock, which the node's sends take: they are posted to the home thread.
-    pub fn sink(inbox: Inbox) -> impl Fn(NetEvent) + Send + Sync + 'static {
-        move |event| {
-            let _ = match event {
-                NetEvent::Connected { peer } => inbox.post(Input::Connected(peer)),
-                NetEvent::Lost { peer, reason } => inbox.post(Input::Lost(peer, reason)),
-                NetEvent::Message { peer, msg } => inbox.send(Input::Message(peer, msg)),
-                NetEvent::Refused { .. } => Ok(()), // logged by the net crate
-            };
-        }
+/// The network's events as the node's inputs. `Connected` and `Lost` come under the network's
+/// lock, which the node's sends take: they are posted to the home thread. A link's messages are
+/// queued as they are read and run in one turn once the reader has no more buffered, so that
+/// a burst costs one turn and its acknowledgements leave in one send.
+pub struct NodeSink(pub Inbox);
+
+impl tandem_net::EventSink for NodeSink {
+    fn event(&self, event: NetEvent) {
+        let _ = match event {
+            NetEvent::Connected { peer } => self.0.post(Input::Connected(peer)),
+            NetEvent::Lost { peer, reason } => self.0.post(Input::Lost(peer, reason)),
+            NetEvent::Message { peer, msg } => self.0.queue(Input::Message(peer, msg)),
+            NetEvent::Refused { .. } => Ok(()), // logged by the net crate
+        };
+    }
+
+    fn drained(&self, _peer: NodeId) {
+        self.0.drive();
     }
 }
 
@@ -391,7 +399,7 @@ pub fn run_daemon(config: Config) -> Result<()> {
         NetConfig::new(config.node, config.volume_id, config.secret.clone(), config.listen, config.peers.clone());
     net_config.keepalive = config.keepalive;
     net_config.timeout = config.timeout;
-    let net = Net::start(net_config, Links::sink(inbox.clone()))?;
+    let net = Net::start(net_config, NodeSink(inbox.clone()))?;
 
     let primary = Arc::new(AtomicBool::new(false));
     let device = Arc::new(Mutex::new(None));
