@@ -813,10 +813,11 @@ pub fn run_daemon(config: Config) -> Result<()> {
         not_before: vec![None; config.geometry.range_count() as usize],
     };
     std::thread::Builder::new().name("attach-ship".into()).spawn(move || shipper.run())?;
-    crate::control::serve(&config.control, inbox)?;
+    let control = crate::control::serve(&config.control, inbox)?;
     // The kernel record stays pinned, also after `tandem down`: the programs go on recording
     // the application's writes, and the next start ships just those (docs/attach.md).
     let result = node_thread.join().unwrap_or_else(|_| Err(anyhow!("the node's home thread panicked")));
+    control.finish(Duration::from_secs(5));
     let _ = std::fs::remove_file(&config.control);
     result
 }

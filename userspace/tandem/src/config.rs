@@ -100,6 +100,9 @@ fn default_frontend() -> String {
     "auto".into()
 }
 
+/// `[volume] mode`: the modes built so far, by name.
+const MODES: &[(Mode, &str)] = &[(Mode::Memory, "memory"), (Mode::Disk, "disk")];
+
 /// A validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -182,12 +185,11 @@ impl Config {
         let geometry = Geometry::new(size, raw.volume.block_size, track, raw.volume.tracks_per_range)
             .map_err(|e| invalid("volume", e.to_string()))?;
         let mode = match raw.volume.mode.as_str() {
-            "memory" => Mode::Memory,
-            "disk" => Mode::Disk,
             "async" | "predictive" => {
-                return Err(invalid("volume.mode", format!("'{}' is not built yet (memory, disk)", raw.volume.mode)))
+                let built = crate::choice::names(MODES);
+                return Err(invalid("volume.mode", format!("'{}' is not built yet ({built})", raw.volume.mode)));
             }
-            other => return Err(invalid("volume.mode", format!("unknown mode '{other}' (memory, disk)"))),
+            other => crate::choice::parse("mode", other, MODES).map_err(|r| invalid("volume.mode", r))?,
         };
         let secret = match (raw.volume.secret, raw.volume.secret_file) {
             (Some(s), None) => s.into_bytes(),
@@ -363,6 +365,10 @@ address = "127.0.0.1:7789"
 
         let e = parse(&GOOD.replace("mode = \"disk\"", "mode = \"async\"")).unwrap_err().to_string();
         assert!(e.contains("volume.mode") && e.contains("not built yet"), "{e}");
+        assert!(e.ends_with("'async' is not built yet (memory, disk)"), "{e}");
+        let e = parse(&GOOD.replace("mode = \"disk\"", "mode = \"fast\"")).unwrap_err().to_string();
+        assert_eq!(e, "/etc/tandem/vol0.toml: volume.mode: unknown mode 'fast' (memory, disk)");
+        assert_eq!(parse(&GOOD.replace("mode = \"disk\"", "mode = \"memory\"")).unwrap().mode, Mode::Memory);
 
         let e = parse(&GOOD.replace("listen = \"127.0.0.1:7788\"", "listen = \"nowhere\"")).unwrap_err().to_string();
         assert!(e.contains("node.listen"), "{e}");

@@ -224,8 +224,38 @@ pub fn call_waiting(socket: &Path, request: &Request, timeout: Duration) -> anyh
     serde_json::from_str(&reply).with_context(|| format!("unreadable reply from the daemon: {reply:?}"))
 }
 
+/// The control socket being served: the answers still being written.
+pub struct Serving {
+    answering: std::sync::Arc<(std::sync::Mutex<usize>, std::sync::Condvar)>,
+}
+
+impl Serving {
+    /// Waits (up to `limit`) for the answers being written: the daemon's last act, `down`'s
+    /// reply, must reach the command before the process exits.
+    pub fn finish(&self, limit: std::time::Duration) {
+        let (count, done) = &*self.answering;
+        let count = count.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (count, waited) =
+            done.wait_timeout_while(count, limit, |n| *n > 0).unwrap_or_else(std::sync::PoisonError::into_inner);
+        if waited.timed_out() {
+            tracing::warn!(connections = *count, "control connections still answering at exit");
+        }
+    }
+}
+
+/// Decrements the count of answers in flight when an answer is written (or abandoned).
+struct Answering(std::sync::Arc<(std::sync::Mutex<usize>, std::sync::Condvar)>);
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        let (count, done) = &*self.0;
+        *count.lock().unwrap_or_else(std::sync::PoisonError::into_inner) -= 1;
+        done.notify_all();
+    }
+}
+
 /// Serves the control socket: each connection sends one request line and gets one reply.
-pub fn serve(socket: &Path, daemon: crate::inbox::Inbox) -> anyhow::Result<()> {
+pub fn serve(socket: &Path, daemon: crate::inbox::Inbox) -> anyhow::Result<Serving> {
     serve_with(socket, daemon, None)
 }
 
@@ -234,7 +264,7 @@ pub fn serve_with(
     socket: &Path,
     daemon: crate::inbox::Inbox,
     wrap: Option<std::sync::Arc<crate::kernel_frontend::RoleWrap>>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Serving> {
     use anyhow::Context;
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -248,13 +278,20 @@ pub fn serve_with(
     }
     let listener = std::os::unix::net::UnixListener::bind(socket)
         .with_context(|| format!("binding the control socket {}", socket.display()))?;
+    let answering = std::sync::Arc::new((std::sync::Mutex::new(0usize), std::sync::Condvar::new()));
+    let counted = answering.clone();
     std::thread::Builder::new().name("control".into()).spawn(move || {
         for stream in listener.incoming().flatten() {
             let (daemon, wrap) = (daemon.clone(), wrap.clone());
-            let _ = std::thread::Builder::new().name("control-conn".into()).spawn(move || answer(stream, daemon, wrap));
+            *counted.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
+            let guard = Answering(counted.clone());
+            let _ = std::thread::Builder::new().name("control-conn".into()).spawn(move || {
+                let _guard = guard;
+                answer(stream, daemon, wrap)
+            });
         }
     })?;
-    Ok(())
+    Ok(Serving { answering })
 }
 
 fn answer(

@@ -19,44 +19,22 @@
 
 use crate::config::Config;
 use anyhow::{bail, Context, Result};
-use std::fmt;
 use std::path::PathBuf;
 use std::process::Command;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tandem_frontend::{UblkBackend, UblkDevice, UblkFrontend, UblkOptions, UblkStart, UblkState};
 
-/// `[node] frontend`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FrontendChoice {
-    /// ublk when `/dev/ublk-control` exists (after trying `modprobe ublk_drv`), else file.
-    Auto,
-    Ublk,
-    /// FUSE file + loop device.
-    File,
-}
-
-impl FromStr for FrontendChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "ublk" => Ok(Self::Ublk),
-            "file" => Ok(Self::File),
-            other => Err(format!("unknown frontend '{other}' (auto, ublk, file)")),
-        }
-    }
-}
-
-impl fmt::Display for FrontendChoice {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Auto => "auto",
-            Self::Ublk => "ublk",
-            Self::File => "file",
-        })
+crate::choice::choice! {
+    /// `[node] frontend`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum FrontendChoice: "frontend" {
+        /// ublk when `/dev/ublk-control` exists (after trying `modprobe ublk_drv`), else file.
+        Auto = "auto",
+        Ublk = "ublk",
+        /// FUSE file + loop device.
+        File = "file",
     }
 }
 

@@ -2,6 +2,7 @@
 //! local daemon over its control socket.
 
 mod attach;
+mod choice;
 mod config;
 mod control;
 mod daemon;

@@ -507,7 +507,7 @@ pub fn run_daemon(config: Config) -> Result<()> {
     *device.lock().expect("device lock") = Some(user_device.clone());
     tracing::info!(volume = %config.volume, device = %user_device, frontend = %device_path, "volume exposed");
     let wrap = linear.clone().map(|linear| Arc::new(kernel_frontend::RoleWrap::new(linear, live)));
-    crate::control::serve_with(&config.control, inbox, wrap)?;
+    let control = crate::control::serve_with(&config.control, inbox, wrap)?;
 
     let result = node_thread.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the node's home thread panicked")));
     // The table holds the frontend device open: it goes first.
@@ -525,6 +525,7 @@ pub fn run_daemon(config: Config) -> Result<()> {
             let _ = mounted.unmount();
         }
     }
+    control.finish(std::time::Duration::from_secs(5));
     let _ = std::fs::remove_file(&config.control);
     result
 }
