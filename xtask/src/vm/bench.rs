@@ -22,7 +22,7 @@ use crate::tools::is_root;
 
 #[derive(Args)]
 pub struct VmBenchArgs {
-    /// Seconds per fio job (3 jobs per row, 6 rows per round)
+    /// Seconds per fio job (3 jobs per row, 7 rows per round)
     #[arg(long, default_value_t = 6)]
     pub runtime: u32,
     /// How many times each row runs, every other round in reverse order (the table shows the
@@ -41,7 +41,7 @@ pub struct VmBenchArgs {
     /// Guest CPUs
     #[arg(long, default_value_t = 2)]
     pub cpus: u32,
-    /// Guest memory in MiB (ten RAM disks' fio regions live in it)
+    /// Guest memory in MiB (twelve RAM disks' fio regions live in it)
     #[arg(long, default_value_t = 3072)]
     pub memory: u32,
     /// Use the tandem already in target/release instead of building it first
@@ -71,6 +71,7 @@ const ROWS: &[(&str, &str)] = &[
     ("tandem-disk", "Tandem disk"),
     ("drbd-B", "DRBD 8.4 protocol B"),
     ("drbd-C", "DRBD 8.4 protocol C"),
+    ("drbd-C-crc32c", "DRBD 8.4 protocol C, data-integrity-alg crc32c"),
 ];
 
 pub fn run(args: &VmBenchArgs) -> Result<()> {

@@ -58,13 +58,15 @@ print("   %s: %.0f IOPS, %.1f MiB/s, p50 %.1f us" % (sys.argv[2], w["iops"], w["
     done
 }
 
-step "kernel $(uname -r); $(fio --version); brd: 10 RAM disks of $SIZE_MIB MiB; fio region $REGION_MIB MiB, $RUNTIME s per job"
+step "kernel $(uname -r); $(fio --version); brd: 12 RAM disks of $SIZE_MIB MiB; fio region $REGION_MIB MiB, $RUNTIME s per job"
 # ram0 raw; ram1/ram2 tandem memory; ram3/ram4 tandem disk; ram5/ram6 DRBD C; ram7/ram8 DRBD B;
-# ram9 tandem without a peer.
-modprobe brd rd_nr=10 rd_size=$((SIZE_MIB * 1024))
+# ram9 tandem without a peer; ram10/ram11 DRBD C with data-integrity-alg crc32c.
+modprobe brd rd_nr=12 rd_size=$((SIZE_MIB * 1024))
 modprobe ublk_drv
 modprobe dm_mod
 modprobe drbd
+# data-integrity-alg crc32c needs the kernel's crc32c (built in, or a module).
+modprobe -q crc32c 2>/dev/null || true
 head -n 1 /proc/drbd
 {
     echo "kernel=$(uname -r)"
@@ -75,7 +77,7 @@ head -n 1 /proc/drbd
 
 # brd allocates a page on the first write to it: fill fio's region of every disk first, so
 # that no row pays for allocation and none is measured on pages another row already paid for.
-for n in 0 1 2 3 4 5 6 7 8 9; do
+for n in 0 1 2 3 4 5 6 7 8 9 10 11; do
     dd if=/dev/zero of=/dev/ram$n bs=1M count="$REGION_MIB" oflag=direct status=none
 done
 free -m
@@ -143,26 +145,30 @@ cp -a "$DRBD_UTILS/sbin/." /usr/sbin/
 
 # Two resources on one host: a resource has exactly one `on` section naming this host, so
 # side a and side b are separate resources whose addresses point at each other.
+# Optional: the row's name (default drbd-<protocol>) and more `net` options.
 drbd_row() {
     protocol=$1
     minor=$2
     d0=$3
     d1=$4
     port=$5
-    step "DRBD protocol $protocol: /dev/drbd$minor on $d0, /dev/drbd$((minor + 1)) on $d1, over 127.0.0.1"
+    row=${6:-drbd-$protocol}
+    net_extra=${7:-}
+    step "$row: DRBD protocol $protocol ${net_extra:+($net_extra) }/dev/drbd$minor on $d0, /dev/drbd$((minor + 1)) on $d1, over 127.0.0.1"
     host=$(uname -n)
-    cat > "drbd-$protocol.conf" <<CONF
+    res=p$protocol-$minor
+    cat > "$row.conf" <<CONF
 global { usage-count no; }
-resource p$protocol-a {
-    net { protocol $protocol; }
+resource $res-a {
+    net { protocol $protocol; $net_extra }
     device /dev/drbd$minor;
     disk $d0;
     meta-disk internal;
     on $host { address 127.0.0.1:$port; }
     on side-b { address 127.0.0.1:$((port + 1)); }
 }
-resource p$protocol-b {
-    net { protocol $protocol; }
+resource $res-b {
+    net { protocol $protocol; $net_extra }
     device /dev/drbd$((minor + 1));
     disk $d1;
     meta-disk internal;
@@ -170,27 +176,27 @@ resource p$protocol-b {
     on side-a { address 127.0.0.1:$port; }
 }
 CONF
-    conf=$W/drbd-$protocol.conf
+    conf=$W/$row.conf
     for d in $d0 $d1; do
         # A previous round's metadata (internal: the end of the disk, outside fio's region).
         dd if=/dev/zero of="$d" bs=1M seek=$((SIZE_MIB - 4)) count=4 oflag=direct status=none
     done
     for side in a b; do
-        drbdadm -c "$conf" -- --force create-md "p$protocol-$side"
-        drbdadm -c "$conf" up "p$protocol-$side"
+        drbdadm -c "$conf" -- --force create-md "$res-$side"
+        drbdadm -c "$conf" up "$res-$side"
     done
-    wait_for 120 "DRBD to connect" sh -c "drbdadm -c '$conf' cstate p$protocol-a | grep -qx Connected"
-    drbdadm -c "$conf" dstate "p$protocol-a"
+    wait_for 120 "DRBD to connect" sh -c "drbdadm -c '$conf' cstate $res-a | grep -qx Connected"
+    drbdadm -c "$conf" dstate "$res-a"
     # Both sides are zeroed RAM disks, identical: no initial sync needed.
-    drbdadm -c "$conf" -- --clear-bitmap new-current-uuid "p$protocol-a"
-    wait_for 120 "both DRBD sides UpToDate" sh -c "drbdadm -c '$conf' dstate p$protocol-a | grep -qx UpToDate/UpToDate"
-    drbdadm -c "$conf" primary "p$protocol-a"
+    drbdadm -c "$conf" -- --clear-bitmap new-current-uuid "$res-a"
+    wait_for 120 "both DRBD sides UpToDate" sh -c "drbdadm -c '$conf' dstate $res-a | grep -qx UpToDate/UpToDate"
+    drbdadm -c "$conf" primary "$res-a"
     cat /proc/drbd
-    run_jobs "/dev/drbd$minor" "drbd-$protocol"
+    run_jobs "/dev/drbd$minor" "$row"
     cat /proc/drbd
-    drbdadm -c "$conf" secondary "p$protocol-a"
-    drbdadm -c "$conf" down "p$protocol-a"
-    drbdadm -c "$conf" down "p$protocol-b"
+    drbdadm -c "$conf" secondary "$res-a"
+    drbdadm -c "$conf" down "$res-a"
+    drbdadm -c "$conf" down "$res-b"
 }
 run_row() {
     case $1 in
@@ -201,12 +207,14 @@ run_row() {
         tandem-disk) tandem_row disk /dev/ram3 /dev/ram4 7792 tandem-disk ;;
         drbd-C) drbd_row C 10 /dev/ram5 /dev/ram6 7800 ;;
         drbd-B) drbd_row B 20 /dev/ram7 /dev/ram8 7810 ;;
+        # Like for like with Tandem's frame checksum (crc32c over every payload, both ends).
+        drbd-C-crc32c) drbd_row C 30 /dev/ram10 /dev/ram11 7820 drbd-C-crc32c "data-integrity-alg crc32c;" ;;
     esac
 }
 
 # Odd rounds in this order, even rounds reversed: a slow drift of the host's load (TCG runs on
 # shared cores) then weighs on every row alike, and raw is measured first and last.
-ORDER="raw tandem-alone tandem-memory tandem-disk drbd-C drbd-B"
+ORDER="raw tandem-alone tandem-memory tandem-disk drbd-C drbd-B drbd-C-crc32c"
 REVERSED=$(echo "$ORDER" | tr ' ' '\n' | tac | tr '\n' ' ')
 round=1
 while [ "$round" -le "$ROUNDS" ]; do
