@@ -75,17 +75,7 @@ const ROWS: &[(&str, &str)] = &[
 ];
 
 pub fn run(args: &VmBenchArgs) -> Result<()> {
-    match run_inner(args) {
-        Err(error) => match error.downcast_ref::<Skip>() {
-            Some(skip) if !args.require => {
-                println!("SKIP vm-bench: {skip}");
-                Ok(())
-            }
-            Some(skip) => bail!("vm-bench cannot run (and --require was given): {skip}"),
-            None => Err(error),
-        },
-        ok => ok,
-    }
+    super::skip_unless_required("vm-bench", args.require, run_inner(args))
 }
 
 fn run_inner(args: &VmBenchArgs) -> Result<()> {

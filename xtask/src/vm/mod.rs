@@ -83,13 +83,18 @@ impl fmt::Display for Skip {
 impl std::error::Error for Skip {}
 
 pub fn run(args: &VmTestArgs) -> Result<()> {
-    match run_inner(args) {
+    skip_unless_required("vm-test", args.require, run_inner(args))
+}
+
+/// A [`Skip`] becomes a `SKIP <what>: ...` line, or an error with `--require`.
+pub(crate) fn skip_unless_required(what: &str, require: bool, result: Result<()>) -> Result<()> {
+    match result {
         Err(error) => match error.downcast_ref::<Skip>() {
-            Some(skip) if !args.require => {
-                println!("SKIP vm-test: {skip}");
+            Some(skip) if !require => {
+                println!("SKIP {what}: {skip}");
                 Ok(())
             }
-            Some(skip) => bail!("vm-test cannot run (and --require was given): {skip}"),
+            Some(skip) => bail!("{what} cannot run (and --require was given): {skip}"),
             None => Err(error),
         },
         ok => ok,

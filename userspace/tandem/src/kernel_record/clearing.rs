@@ -153,12 +153,7 @@ impl Clearing {
             if self.record.in_cycle(range) {
                 continue;
             }
-            let state = self
-                .record
-                .volume()
-                .range_state(range)
-                .map_err(KernelRecordError::bpf(format!("reading range {range}")))?;
-            let counters = (state.marked[0], state.marked[1], state.toggles);
+            let counters = self.counters(range)?;
             if self.seen[range as usize] != Some(counters) {
                 checks.push((range, counters));
             }
@@ -170,12 +165,7 @@ impl Clearing {
             let range = self.sweep;
             self.sweep = (self.sweep + 1) % ranges;
             if !self.record.in_cycle(range) && !checks.iter().any(|(r, _)| *r == range) {
-                let state = self
-                    .record
-                    .volume()
-                    .range_state(range)
-                    .map_err(KernelRecordError::bpf(format!("reading range {range}")))?;
-                checks.push((range, (state.marked[0], state.marked[1], state.toggles)));
+                checks.push((range, self.counters(range)?));
                 break;
             }
         }
@@ -201,6 +191,16 @@ impl Clearing {
         }
         self.last_error = None;
         Ok(())
+    }
+
+    /// A range's counters (marks per side, toggles): unchanged counters, an unchanged range.
+    fn counters(&self, range: u32) -> Result<(u64, u64, u32), KernelRecordError> {
+        let state = self
+            .record
+            .volume()
+            .range_state(range)
+            .map_err(KernelRecordError::bpf(format!("reading range {range}")))?;
+        Ok((state.marked[0], state.marked[1], state.toggles))
     }
 
     pub fn view(&self) -> RecordView {
